@@ -1,0 +1,210 @@
+"""Checkpoints: safetensors + JSON only (nothing on the load path unpickles), written atomically.
+
+A run directory holds checkpoints/step-XXXXXXXX/ folders and two symbolic links, `last` and `best`, to them:
+    model.safetensors     the weights (all that inference needs, with the two JSON files and tokenizer/)
+    checkpoint.json       resolved config, step, epoch, position in the epoch, metrics, RNG states, provenance
+    text_config.json      the text tower's architecture, so loading never downloads anything
+    tokenizer/            the tokenizer the model was trained with
+    training_state.safetensors   optimiser moments and RNG tensors, for exact resume
+Each folder is written under a temporary name, flushed, and renamed; the links are then swapped atomically. A crash at
+any moment leaves the previous `last` and `best` loadable.
+"""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file, save_model
+from transformers import AutoConfig, AutoTokenizer
+
+from clip import CLIPModel
+from config import Config, config_from_dict
+from utils import fsync_dir, write_json
+
+CHECKPOINTS = "checkpoints"
+
+
+def resolve(path) -> Path:
+    """A checkpoint folder from a path to it, to a run directory (its `best`), or to a link."""
+    path = Path(path)
+    if (path / "best" / "checkpoint.json").exists() and not (path / "checkpoint.json").exists():
+        path = path / "best"
+    if not (path / "checkpoint.json").exists():
+        raise FileNotFoundError(f"{path} is not a checkpoint (no checkpoint.json); pass a run's `best` or `last` "
+                                f"folder, e.g. runs/shapes/best")
+    return path.resolve()
+
+
+# --- random number generators -----------------------------------------------------------------------------------
+
+def rng_state() -> tuple[dict, dict]:
+    """(JSON-able part, tensor part) of every RNG this process uses: python, numpy, torch, CUDA."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    info = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return info, tensors
+
+
+def set_rng_state(info: dict, tensors: dict) -> None:
+    version, internal, gauss = info["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+
+
+# --- optimiser state as tensors + JSON --------------------------------------------------------------------------
+
+def flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict, info: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in info["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def _point(link: Path, target: str) -> None:
+    """Make `link` a symlink to `target`, atomically replacing whatever link was there."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def save_checkpoint(run_dir, links, model, cfg: Config, tokenizer, state: dict, provenance: dict,
+                    optimizer=None, scaler=None, rng=None) -> Path:
+    """Write step-<state['step']> and point each name in `links` ("last", "best") at it.
+
+    state: JSON-able progress (step, epoch, batch, metrics, ...). rng: (info, tensors) of every rank's RNGs, as
+    [rng_state() of rank 0, rank 1, ...]; None skips them (a weights-only checkpoint).
+    """
+    run_dir = Path(run_dir)
+    folder_name = f"step-{state['step']:08d}"
+    final = run_dir / CHECKPOINTS / folder_name
+    if not final.exists():
+        tmp = run_dir / CHECKPOINTS / f".{folder_name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        tensors, info = {}, {"config": cfg.to_dict(), "state": state, "provenance": provenance}
+        if optimizer is not None:
+            opt_tensors, info["optimizer"] = flatten_optimizer(optimizer.state_dict())
+            tensors.update(opt_tensors)
+        if scaler is not None and scaler.is_enabled():
+            info["scaler"] = scaler.state_dict()
+        if rng is not None:
+            info["rng"] = []
+            for rank, (rng_info, rng_tensors) in enumerate(rng):
+                info["rng"].append(rng_info)
+                tensors.update({f"rng.{rank}.{k}": v.cpu() for k, v in rng_tensors.items()})
+        if tensors:
+            save_file(tensors, str(tmp / "training_state.safetensors"))
+        write_json(tmp / "checkpoint.json", info)
+        write_json(tmp / "text_config.json", model.text_encoder.model.config.to_dict())
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        _fsync_tree(tmp)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    for name in links:
+        _point(run_dir / name, f"{CHECKPOINTS}/{folder_name}")
+    fsync_dir(run_dir)
+    _collect_garbage(run_dir)
+    return final
+
+
+def _collect_garbage(run_dir: Path) -> None:
+    """Delete checkpoint folders no link points to any more."""
+    keep = {os.readlink(run_dir / n).split("/")[-1] for n in ("last", "best") if (run_dir / n).is_symlink()}
+    for folder in (run_dir / CHECKPOINTS).iterdir():
+        if folder.name not in keep and not folder.name.startswith("."):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+
+def read_info(path) -> dict:
+    return json.loads((resolve(path) / "checkpoint.json").read_text())
+
+
+def load_model(path, device="cpu") -> tuple[CLIPModel, Config, object]:
+    """(model in eval mode, its config, its tokenizer) from a checkpoint, with no download and no unpickling."""
+    folder = resolve(path)
+    info = json.loads((folder / "checkpoint.json").read_text())
+    cfg = config_from_dict(info["config"])
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    text_values = json.loads((folder / "text_config.json").read_text())
+    text_config = AutoConfig.for_model(**text_values)
+    # the weights come from the file: build both towers with random init, never from the Hub
+    arch = Config(**{**cfg.to_dict(), "image_pretrained": False, "text_pretrained": False})
+    model = CLIPModel(arch, len(tokenizer), text_config=text_config)
+    load_weights(model, folder / "model.safetensors")
+    return model.to(device).eval(), cfg, tokenizer
+
+
+def load_weights(model: torch.nn.Module, file) -> None:
+    """Load safetensors weights, explaining any mismatch between the file and the model's architecture."""
+    saved = load_file(str(file))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    shapes = [f"{k}: file {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(saved) & set(own)) if saved[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{file} does not fit this architecture: {len(missing)} weights missing from the file "
+                         f"{missing[:4]}, {len(unexpected)} not in the model {unexpected[:4]}, {len(shapes)} of "
+                         f"another shape {shapes[:4]}; build the model from the checkpoint's own config")
+    model.load_state_dict(saved, strict=True)
+
+
+def load_training_state(path, model, optimizer, scaler, rank: int) -> dict:
+    """Restore weights, optimiser, grad scaler and this rank's RNGs from a checkpoint; return its progress state."""
+    folder = resolve(path)
+    info = json.loads((folder / "checkpoint.json").read_text())
+    load_weights(model, folder / "model.safetensors")
+    tensors = load_file(str(folder / "training_state.safetensors"))
+    optimizer.load_state_dict(unflatten_optimizer(tensors, info["optimizer"]))
+    if "scaler" in info and scaler is not None:
+        scaler.load_state_dict(info["scaler"])
+    if rank >= len(info["rng"]):
+        raise ValueError(f"{folder} was saved by {len(info['rng'])} processes; resume with the same number")
+    prefix = f"rng.{rank}."
+    set_rng_state(info["rng"][rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return info["state"]

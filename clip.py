@@ -1,0 +1,79 @@
+"""The CLIP model (two towers, two heads, a learnable temperature) and the contrastive loss as pure functions."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import Config
+from modules import ImageEncoder, ProjectionHead, TextEncoder, build_text_config
+
+MAX_LOGIT_SCALE = math.log(100)  # the logit scale is clamped at 100, as in the CLIP paper (Radford et al. 2021, 2.5)
+
+
+class CLIPModel(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int, text_config=None):
+        """text_config: the text tower's transformers config, to rebuild a saved model with no download."""
+        super().__init__()
+        self.image_encoder = ImageEncoder(cfg.image_model, cfg.image_pretrained, cfg.image_size)
+        if text_config is None:
+            text_config = build_text_config(cfg.text_model, cfg.text_pretrained, cfg.text_layers, cfg.text_width,
+                                            cfg.text_heads, vocab_size, cfg.max_length)
+        self.text_encoder = TextEncoder(cfg.text_model, cfg.text_pretrained, cfg.text_pooling, vocab_size,
+                                        text_config)
+        self.image_projection = ProjectionHead(self.image_encoder.out_dim, cfg.projection_dim, cfg.dropout)
+        self.text_projection = ProjectionHead(self.text_encoder.out_dim, cfg.projection_dim, cfg.dropout)
+        # stored as a log so it stays positive; starts at 1 / 0.07 as in the CLIP paper
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)),
+                                        requires_grad=cfg.learn_temperature)
+        self.frozen = [m for m, trainable in [(self.image_encoder, cfg.image_trainable),
+                                              (self.text_encoder, cfg.text_trainable)] if not trainable]
+        for tower in self.frozen:
+            tower.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for tower in self.frozen:  # frozen towers keep their batch-norm statistics and skip dropout
+            tower.eval()
+        return self
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, D) unit-length embeddings."""
+        return F.normalize(self.image_projection(self.image_encoder(images)), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, D) unit-length embeddings."""
+        return F.normalize(self.text_projection(self.text_encoder(input_ids, attention_mask)), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """The logit multiplier exp(logit_scale), at most 100."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def forward(self, images, input_ids, attention_mask):
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.scale()
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy over the N x N cosine-similarity matrix of matched pairs.
+
+    image_features, text_features: (N, D), unit length, row i of each a matched pair; logit_scale: the multiplier
+    (already exponentiated). Computed in float32 whatever the features' dtype.
+    """
+    logits = logit_scale * image_features.float() @ text_features.float().T  # (N, N); row i = image i vs all texts
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def clip_loss_rows(image_rows: torch.Tensor, text_rows: torch.Tensor, all_images: torch.Tensor,
+                   all_texts: torch.Tensor, logit_scale: torch.Tensor, offset: int) -> torch.Tensor:
+    """The part of `clip_loss(all_images, all_texts)` that comes from rows offset .. offset + n of both directions,
+    averaged over those n rows: what one rank computes under --local-loss (as open_clip's local_loss).
+
+    image_rows, text_rows: (n, D) this rank's pairs; all_images, all_texts: (N, D) everyone's, this rank's included.
+    Averaging this over ranks gives clip_loss(all_images, all_texts).
+    """
+    image_to_text = logit_scale * image_rows.float() @ all_texts.float().T  # (n, N)
+    text_to_image = logit_scale * text_rows.float() @ all_images.float().T  # (n, N)
+    labels = torch.arange(offset, offset + len(image_rows), device=image_rows.device)
+    return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2

@@ -1,0 +1,327 @@
+"""Captioned images on disk -> splits -> batches.
+
+On-disk formats (see README, "Data formats"), all read the same way:
+- Kaggle Flickr30k: `results.csv` (`image_name| comment_number| comment`, `|`-separated with leading spaces) beside
+  an image folder; the built-in shapes set uses it too.
+- Kaggle Flickr8k and bring-your-own: `captions.txt` or `captions.csv` with an `image,caption` header.
+Splits are by image, never by caption: `splits.json` in the data folder if present (e.g. Karpathy's), else a fixed
+seeded shuffle with 5% of images (at most 1,000) each for val and test.
+"""
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from images import CacheSource, JpegSource, build_cache, full_boxes, sample_boxes
+
+IMAGE_DIRS = ["images", "Images", "flickr30k_images", "flickr8k_images"]
+CAPTION_FILES = ["results.csv", "captions.txt", "captions.csv"]
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+SPLIT_SEED = 0  # fixed, independent of --seed, so every run of a data set uses the same test images
+EVAL_SHARE, EVAL_MAX = 0.05, 1000
+
+
+@dataclass
+class ParseReport:
+    """What reading a caption file had to fix or skip, with 1-based line numbers."""
+    repaired_rows: list = field(default_factory=list)
+    dropped_rows: list = field(default_factory=list)
+    duplicate_rows: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{len(self.repaired_rows)} repaired, {len(self.dropped_rows)} dropped, "
+                f"{len(self.duplicate_rows)} duplicate rows")
+
+
+def find_layout(data_dir) -> tuple[Path, Path]:
+    """(caption file, image folder) of a data folder, or an error saying what was expected."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist; create it with `python download.py` "
+                                f"(Flickr30k) or `python download.py --dataset shapes --out {root}` (built-in set)")
+    captions = next((root / n for n in CAPTION_FILES if (root / n).is_file()), None)
+    images = next((root / n for n in IMAGE_DIRS if (root / n).is_dir()), None)
+    if captions is None or images is None:
+        raise FileNotFoundError(f"{root} needs a caption file (one of {CAPTION_FILES}) and an image folder (one of "
+                                f"{IMAGE_DIRS}); found {sorted(p.name for p in root.iterdir())[:10]}")
+    return captions, images
+
+
+def decode_lines(raw: bytes, report: ParseReport, source: str) -> list[str]:
+    """Lines as text; a line that is not UTF-8 is decoded as Windows-1252 (which maps every byte) and reported."""
+    lines = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            lines.append(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError:
+            lines.append(line.decode("cp1252", errors="replace"))
+            report.repaired_rows.append({"line": number, "fix": "not UTF-8, decoded as Windows-1252",
+                                         "file": source})
+    return lines
+
+
+ROW_WITHOUT_DELIMITER = re.compile(r"^\s*(\d+)\s+(\S.*)$")  # "2199200615.jpg| 4   A dog runs across the grass ."
+
+
+def parse_pipe_rows(lines: list[str], report: ParseReport, source: str) -> list[tuple[int, str, str]]:
+    """Flickr30k `results.csv` rows -> (line, image, caption); repairs rows that lost their second delimiter."""
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) >= 3:
+            image, caption = parts[0].strip(), "|".join(parts[2:]).strip()
+        elif len(parts) == 2 and (m := ROW_WITHOUT_DELIMITER.match(parts[1])):
+            image, caption = parts[0].strip(), m.group(2).strip()
+            report.repaired_rows.append({"line": number, "fix": "missing '|' between number and caption",
+                                         "text": line, "file": source})
+        else:
+            report.dropped_rows.append({"line": number, "reason": "not `image| number| caption`", "text": line,
+                                        "file": source})
+            continue
+        rows.append((number, image, caption))
+    return rows
+
+
+def parse_csv_rows(lines: list[str], report: ParseReport, source: str) -> list[tuple[int, str, str]]:
+    """`image,caption` rows (Flickr8k's captions.txt, bring-your-own captions.csv); quoted fields allowed."""
+    header = [h.strip().lower() for h in next(csv.reader([lines[0]]))] if lines else []
+    if "image" not in header or "caption" not in header:
+        raise ValueError(f"{source}: the first line must be a header naming the columns `image` and `caption`, "
+                         f"got {lines[0][:80]!r}" if lines else f"{source} is empty")
+    i_img, i_cap = header.index("image"), header.index("caption")
+    rows = []
+    for number, fields in enumerate(csv.reader(io.StringIO("\n".join(lines[1:]))), start=2):
+        if not fields or not any(f.strip() for f in fields):
+            continue
+        if len(fields) <= max(i_img, i_cap):
+            report.dropped_rows.append({"line": number, "reason": "too few columns", "text": ",".join(fields),
+                                        "file": source})
+            continue
+        extra = fields[max(i_img, i_cap) + 1:]  # an unquoted comma inside a caption splits it; glue it back
+        rows.append((number, fields[i_img].strip(), ",".join([fields[i_cap], *extra]).strip()))
+    return rows
+
+
+def read_captions(data_dir) -> tuple[list[tuple[int, str, str]], ParseReport]:
+    """All usable (line, image name, caption) rows of a data folder's caption file, and what was fixed on the way."""
+    caption_file, _ = find_layout(data_dir)
+    report = ParseReport()
+    lines = decode_lines(caption_file.read_bytes(), report, caption_file.name)
+    parse = parse_pipe_rows if caption_file.name == "results.csv" else parse_csv_rows
+    rows, seen = [], {}
+    for number, image, caption in parse(lines, report, caption_file.name):
+        if not caption:
+            report.dropped_rows.append({"line": number, "reason": "empty caption", "text": image,
+                                        "file": caption_file.name})
+        elif Path(image).suffix.lower() not in IMAGE_EXTS:
+            report.dropped_rows.append({"line": number, "reason": f"{image!r} is not an image file name",
+                                        "file": caption_file.name})
+        elif (image, caption) in seen:
+            report.duplicate_rows.append({"line": number, "first_line": seen[(image, caption)],
+                                          "file": caption_file.name})
+        else:
+            seen[(image, caption)] = number
+            rows.append((number, image, caption))
+    return rows, report
+
+
+@dataclass
+class Split:
+    """Images of one split and their captions; captions of image i are caption rows start[i]:start[i+1]."""
+    name: str
+    images: list[str]  # file names
+    rows: np.ndarray  # (n_images,) row of each image in the data set's image source
+    captions: list[str]  # grouped by image
+    start: np.ndarray  # (n_images + 1,) CSR offsets into captions
+    tokens: np.ndarray | None = None  # (n_captions, max_length) int32 token ids, filled by tokenize()
+    lengths: np.ndarray | None = None  # (n_captions,) tokens used per caption
+
+    @property
+    def caption_image(self) -> np.ndarray:  # (n_captions,) index of each caption's image within the split
+        return np.repeat(np.arange(len(self.images)), np.diff(self.start))
+
+    def __len__(self):
+        return len(self.images)
+
+
+def split_names(names: list[str], data_dir) -> dict[str, list[str]]:
+    """Image names per split: splits.json if the folder has one, else a fixed seeded shuffle."""
+    split_file = Path(data_dir) / "splits.json"
+    if split_file.exists():
+        given = json.loads(split_file.read_text())
+        present = set(names)
+        return {s: [n for n in given.get(s, []) if n in present] for s in ("train", "val", "test")}
+    order = sorted(names)
+    np.random.default_rng(SPLIT_SEED).shuffle(order)
+    n_eval = min(EVAL_MAX, max(1, round(EVAL_SHARE * len(order))))
+    if len(order) < 3 * n_eval + 1:
+        raise ValueError(f"{data_dir} has only {len(order)} usable images; need at least {3 * n_eval + 1}")
+    return {"test": order[:n_eval], "val": order[n_eval:2 * n_eval], "train": order[2 * n_eval:]}
+
+
+def bad_images_from_report(data_dir) -> set[str]:
+    report = Path(data_dir) / "prepare_report.json"
+    if not report.exists():
+        return set()
+    return {Path(name).name for name in json.loads(report.read_text()).get("bad_images", [])}
+
+
+class CaptionData:
+    """A data folder: its captions and splits; then `open_images` attaches pixels (cache or JPEG decoding)."""
+
+    def __init__(self, data_dir, verbose: bool = True):
+        self.data_dir = Path(data_dir)
+        rows, self.report = read_captions(data_dir)
+        _, self.image_dir = find_layout(data_dir)
+        on_disk = {p.name for p in self.image_dir.iterdir()}
+        bad = bad_images_from_report(data_dir)
+        by_image: dict[str, list[str]] = {}
+        missing = set()
+        for _, image, caption in rows:
+            if image not in on_disk:
+                missing.add(image)
+            elif image not in bad:
+                by_image.setdefault(image, []).append(caption)
+        if not by_image:
+            raise ValueError(f"{data_dir}: no captioned image found on disk ({len(rows)} caption rows, "
+                             f"{len(missing)} naming images that are not in {self.image_dir})")
+        if verbose and (self.report.repaired_rows or self.report.dropped_rows or self.report.duplicate_rows):
+            print(f"{self.data_dir}: the caption file had {self.report.summary()} (see prepare_report.json after "
+                  f"`python download.py --prepare {self.data_dir}`)")
+        if verbose and (missing or bad):
+            print(f"{self.data_dir}: skipping {len(missing)} captioned images missing on disk and {len(bad)} "
+                  f"listed as bad in prepare_report.json")
+        self.names = sorted(by_image)  # row i of the image source is names[i]
+        self.captions = by_image
+        self.source = None
+        self.row_of = {n: i for i, n in enumerate(self.names)}
+        self.splits = {name: self._split(name, members) for name, members in split_names(self.names, data_dir).items()}
+
+    def _split(self, name: str, members: list[str]) -> Split:
+        caps = [self.captions[n] for n in members]
+        return Split(name, members, np.array([self.row_of[n] for n in members], dtype=np.int64),
+                     [c for cs in caps for c in cs],
+                     np.concatenate([[0], np.cumsum([len(cs) for cs in caps])]).astype(np.int64))
+
+    def open_images(self, square: int, mode: str = "auto", workers: int = 0) -> None:
+        """Attach the pixels: a cache of squares (built once) or on-the-fly decoding; drops undecodable images."""
+        paths = [self.image_dir / n for n in self.names]
+        failed = []
+        if mode == "off":
+            self.source = JpegSource(paths, square)
+        else:
+            try:
+                self.source, failed = build_cache(paths, square, self.data_dir / ".cache", workers)
+            except OSError as e:
+                if mode == "on":
+                    raise
+                print(f"not caching images ({e}); decoding JPEGs every step instead")
+                self.source = JpegSource(paths, square)
+        if failed:
+            failed = {Path(p).name for p in failed}
+            print(f"{self.data_dir}: skipping {len(failed)} images that failed to decode, e.g. {sorted(failed)[:3]} "
+                  f"(`python download.py --prepare {self.data_dir}` lists them all)")
+            # drop them where they are: every other image keeps its split
+            self.splits = {name: self._split(name, [n for n in split.images if n not in failed])
+                           for name, split in self.splits.items()}
+
+    def tokenize(self, tokenizer, max_length: int) -> None:
+        """Tokenise every caption once, up front, padded to max_length (batches are trimmed later); after
+        open_images, which may drop images."""
+        for split in self.splits.values():
+            enc = tokenizer(split.captions, truncation=True, max_length=max_length, padding="max_length",
+                            return_tensors="np")
+            split.tokens = enc["input_ids"].astype(np.int32)
+            split.lengths = enc["attention_mask"].sum(1).astype(np.int32)
+
+
+def text_batch(split: Split, caption_idx: np.ndarray, pad_id: int, fixed_length: int = 0) -> dict:
+    """Token ids and mask for some captions, padded only as far as the longest (rounded up to a multiple of 8 for
+    tensor cores); fixed_length > 0 pads to exactly that, so compiled models see one shape."""
+    lengths = split.lengths[caption_idx]
+    width = fixed_length or min(split.tokens.shape[1], -(-int(lengths.max()) // 8) * 8)
+    ids = split.tokens[caption_idx, :width]
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    ids = np.where(mask, ids, pad_id)
+    return {"input_ids": torch.from_numpy(ids.astype(np.int64)), "attention_mask": torch.from_numpy(mask)}
+
+
+def epoch_plan(split: Split, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+               drop_last: bool = False) -> list[np.ndarray]:
+    """This rank's batches of caption indices for one epoch.
+
+    Every training image appears once, in a seeded random order, paired with one of its captions drawn at random,
+    so no batch holds two captions of one image (they would be false negatives). Global batches of
+    batch_size * world are cut into one slice per rank. A last, smaller global batch is split evenly across ranks
+    (dropped if drop_last, which keeps shapes fixed for compiled models).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(split))
+    counts = np.diff(split.start)[order]
+    captions = split.start[order] + np.floor(rng.random(len(order)) * counts).astype(np.int64)
+    global_batch = batch_size * world
+    plan = []
+    for lo in range(0, len(captions), global_batch):
+        chunk = captions[lo:lo + global_batch]
+        if len(chunk) < global_batch and (drop_last or len(chunk) < world):
+            break
+        per_rank = len(chunk) // world
+        plan.append(chunk[rank * per_rank:(rank + 1) * per_rank])
+    return plan
+
+
+class TrainBatches(Dataset):
+    """Batch i of an epoch plan: uint8 squares, crop boxes and tokens; deterministic given (seed, epoch, i)."""
+
+    def __init__(self, split: Split, source, plan, pad_id: int, crop_scale_min: float, seed: int, epoch: int,
+                 rank: int = 0, fixed_length: int = 0):
+        self.split, self.source, self.plan = split, source, plan
+        self.pad_id, self.crop_scale_min, self.fixed_length = pad_id, crop_scale_min, fixed_length
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.caption_image = split.caption_image
+
+    def __len__(self):
+        return len(self.plan)
+
+    def __getitem__(self, i) -> dict:
+        captions = self.plan[i]
+        images = self.caption_image[captions]
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, self.epoch, i, self.rank]).generate_state(1)[0]))
+        return {
+            "pixels": torch.from_numpy(self.source.get(self.split.rows[images])),  # (B, S, S, 3) uint8
+            "boxes": sample_boxes(generator, len(images), self.source.size, self.crop_scale_min),  # (B, 4)
+            "image_index": torch.from_numpy(images),
+            **text_batch(self.split, captions, self.pad_id, self.fixed_length),
+        }
+
+
+class EvalImages(Dataset):
+    """The images of a split in order, whole (no augmentation), in batches."""
+
+    def __init__(self, split: Split, source, batch_size: int):
+        self.split, self.source, self.batch_size = split, source, batch_size
+
+    def __len__(self):
+        return -(-len(self.split) // self.batch_size)
+
+    def __getitem__(self, i) -> dict:
+        rows = self.split.rows[i * self.batch_size:(i + 1) * self.batch_size]
+        return {"pixels": torch.from_numpy(self.source.get(rows)), "boxes": full_boxes(len(rows), self.source.size)}
+
+
+def batch_loader(batches: Dataset, num_workers: int, pin_memory: bool, start: int = 0) -> DataLoader:
+    """Load whole batches (the dataset returns batches), in order, from batch `start` on, in worker processes."""
+    indices = list(range(start, len(batches)))
+    return DataLoader(batches, batch_size=None, sampler=indices, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False,
+                      generator=torch.Generator())  # own generator: never draws from the global RNG (exact resume)

@@ -1,0 +1,140 @@
+"""One optimisation step: schedule, parameter groups, the (global-batch) contrastive loss, gradient caching."""
+
+import contextlib
+import math
+
+import torch
+
+from clip import CLIPModel, clip_loss, clip_loss_rows
+from config import Config
+from distributed import Dist, all_reduce_, gather_with_grad
+from utils import autocast
+
+
+def lr_factor(step: int, total: int, warmup: int, min_frac: float = 0.0) -> float:
+    """Linear warmup from 0 over `warmup` steps, then cosine decay to `min_frac` at `total`: a pure function."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: CLIPModel, cfg: Config) -> list[dict]:
+    """Encoders and heads at their own learning rates; no weight decay on norms, biases or the temperature."""
+    groups = []
+    for name, module, lr in [("image", model.image_encoder, cfg.lr_image), ("text", model.text_encoder, cfg.lr_text),
+                             ("head", torch.nn.ModuleList([model.image_projection, model.text_projection]),
+                              cfg.lr_head)]:
+        decay, no_decay = [], []
+        for _, p in module.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)  # 1-d tensors: norm scales/shifts and biases
+        groups += [{"name": f"{name}", "params": decay, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay},
+                   {"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0}]
+    if model.logit_scale.requires_grad:
+        groups.append({"name": "temperature", "params": [model.logit_scale], "lr": cfg.lr_head,
+                       "base_lr": cfg.lr_head, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: CLIPModel, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    # fused AdamW: one kernel for all parameters on CUDA; the multi-tensor (foreach) path elsewhere
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98), eps=1e-6, fused=fused,
+                             foreach=None if fused else True)  # betas/eps as in the CLIP paper
+
+
+def contrastive_loss(image_emb, text_emb, logit_scale, d: Dist, local_loss: bool) -> torch.Tensor:
+    """The loss of the global batch: every rank's pairs are negatives for everyone (features gathered with their
+    gradients). With local_loss each rank computes only its own rows of the global logit matrix."""
+    if d.world == 1:
+        return clip_loss(image_emb, text_emb, logit_scale)
+    all_images, all_texts = gather_with_grad(image_emb, d), gather_with_grad(text_emb, d)
+    if local_loss:
+        return clip_loss_rows(image_emb, text_emb, all_images, all_texts, logit_scale, d.rank * len(image_emb))
+    return clip_loss(all_images, all_texts, logit_scale)
+
+
+class _ReplayRNG:
+    """Draw the same random numbers (dropout) when a micro-batch is embedded a second time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        self.saved = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda is not None else None)
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.saved[0])
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.saved[1], self.device)
+
+
+def backward_grad_cache(model, raw: CLIPModel, images, input_ids, attention_mask, chunks: int, d: Dist,
+                        local_loss: bool, device, dtype, scaler) -> torch.Tensor:
+    """Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+    Setup"): the same loss and gradients as one big batch, with activations for only one micro-batch at a time.
+
+    1. embed every micro-batch without a graph;  2. loss over the whole (global) batch, backward to the embeddings;
+    3. re-embed each micro-batch with a graph and push the cached embedding gradients through it.
+    """
+    micro = list(zip(images.chunk(chunks), input_ids.chunk(chunks), attention_mask.chunk(chunks)))
+    buffers = [b.detach().clone() for b in raw.buffers()]  # batch-norm statistics: update them once, in pass 3
+    rngs, image_parts, text_parts = [], [], []
+    with torch.no_grad():
+        for x, ids, mask in micro:
+            rngs.append(_ReplayRNG(device))
+            with autocast(device, dtype):
+                img, txt, _ = model(x, ids, mask)
+            image_parts.append(img)
+            text_parts.append(txt)
+    for b, saved in zip(raw.buffers(), buffers):
+        b.copy_(saved)
+    image_emb = torch.cat(image_parts).requires_grad_()
+    text_emb = torch.cat(text_parts).requires_grad_()
+    loss = contrastive_loss(image_emb, text_emb, raw.scale(), d, local_loss)
+    scaler.scale(loss).backward()  # -> image_emb.grad, text_emb.grad, and the temperature's gradient
+    image_grads, text_grads = image_emb.grad.chunk(chunks), text_emb.grad.chunk(chunks)
+    for i, ((x, ids, mask), rng) in enumerate(zip(micro, rngs)):
+        sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+        with rng, (model.no_sync() if not sync else contextlib.nullcontext()):
+            with autocast(device, dtype):
+                img, txt, scale = model(x, ids, mask)
+            # the scale enters with a zero gradient so that DDP sees every parameter used (its real gradient
+            # was accumulated in step 2 and is averaged across ranks with the rest at the last micro-batch)
+            torch.autograd.backward([img, txt, scale], [image_grads[i], text_grads[i], torch.zeros_like(scale)])
+    return loss.detach()
+
+
+def train_step(model, raw: CLIPModel, optimizer, scaler, images, input_ids, attention_mask, cfg: Config, d: Dist,
+               device, dtype, lr_scale: float) -> torch.Tensor:
+    """Forward, backward and update on one batch; returns the loss as a device tensor (no host sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_scale
+    if cfg.accum_steps > 1:
+        loss = backward_grad_cache(model, raw, images, input_ids, attention_mask, cfg.accum_steps, d,
+                                   cfg.local_loss, device, dtype, scaler)
+    else:
+        with autocast(device, dtype):
+            image_emb, text_emb, scale = model(images, input_ids, attention_mask)
+        loss = contrastive_loss(image_emb, text_emb, scale, d, cfg.local_loss)
+        scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip, foreach=True)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def global_mean(loss: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The batch loss as one process would report it (under --local-loss each rank holds only its rows' share)."""
+    if d.world == 1:
+        return loss
+    return all_reduce_(loss.clone(), d) / d.world

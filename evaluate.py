@@ -1,0 +1,152 @@
+"""Retrieval evaluation with the Flickr30k protocol, as a library (used by training) and a command.
+
+    python evaluate.py --checkpoint runs/shapes/best --data-dir data/shapes --split test --json test.json
+
+image -> text: a hit at K when ANY of the image's captions is among its K most similar captions.
+text -> image: every caption ranks all images; a hit at K when its own image is among the top K.
+Recall is in percent.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoint import load_model
+from clip import clip_loss
+from dataset import CaptionData, EvalImages, Split, batch_loader, text_batch
+from images import Pixels
+from utils import autocast, pick_device, pick_precision, write_json
+
+KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def embed_images(model, split: Split, source, pixels: Pixels, device, dtype, batch_size: int,
+                 num_workers: int = 0, progress: bool = False) -> torch.Tensor:
+    """(n_images, D) float32 unit embeddings of a split's images, whole (no augmentation), on `device`."""
+    loader = batch_loader(EvalImages(split, source, batch_size), num_workers, pin_memory=device.type == "cuda")
+    out = []
+    for batch in tqdm(loader, desc="embedding images", unit="batch", disable=not progress):
+        with autocast(device, dtype):
+            out.append(model.encode_image(pixels(batch["pixels"], batch["boxes"], device)).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(model, split: Split, pad_id: int, device, dtype, batch_size: int,
+                progress: bool = False) -> torch.Tensor:
+    """(n_captions, D) float32 unit embeddings of a split's tokenised captions, on `device`."""
+    out = []
+    for lo in tqdm(range(0, len(split.captions), batch_size), desc="embedding captions", unit="batch",
+                   disable=not progress):
+        batch = text_batch(split, np.arange(lo, min(lo + batch_size, len(split.captions))), pad_id)
+        with autocast(device, dtype):
+            out.append(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: torch.Tensor,
+                      ks=KS, chunk: int = 4096) -> dict:
+    """Recall@K in both directions from embeddings; caption_image[c] is the index of caption c's image.
+
+    Works in chunks of rows, so the full similarity matrix never has to fit in memory.
+    """
+    n_img, n_cap = len(image_emb), len(text_emb)
+    caption_image = caption_image.to(image_emb.device)
+    k = max(ks)
+    i2t_first, t2i_first = [], []  # rank (0-based) of the first correct item within the top k, or k if none
+    for lo in range(0, n_img, chunk):
+        sim = image_emb[lo:lo + chunk] @ text_emb.T  # (chunk, n_cap)
+        top = sim.topk(min(k, n_cap), dim=1).indices  # (chunk, k)
+        hit = caption_image[top] == torch.arange(lo, lo + len(sim), device=sim.device)[:, None]
+        i2t_first.append(torch.where(hit.any(1), hit.int().argmax(1), k))
+    for lo in range(0, n_cap, chunk):
+        sim = text_emb[lo:lo + chunk] @ image_emb.T  # (chunk, n_img)
+        top = sim.topk(min(k, n_img), dim=1).indices  # (chunk, k)
+        hit = top == caption_image[lo:lo + chunk, None]
+        t2i_first.append(torch.where(hit.any(1), hit.int().argmax(1), k))
+    i2t, t2i = torch.cat(i2t_first), torch.cat(t2i_first)
+    metrics = {}
+    for K in ks:
+        metrics[f"i2t_R@{K}"] = (i2t < K).float().mean().item() * 100
+        metrics[f"t2i_R@{K}"] = (t2i < K).float().mean().item() * 100
+    metrics["mean_recall"] = float(np.mean([metrics[f"{d}_R@{K}"] for d in ("i2t", "t2i") for K in ks]))
+    metrics["n_images"], metrics["n_captions"] = n_img, n_cap
+    return metrics
+
+
+@torch.no_grad()
+def paired_loss(image_emb, text_emb, split: Split, logit_scale, batch_size: int) -> float:
+    """The training loss on held-out pairs: for each caption slot j, images in order with their j-th caption, in
+    batches of the training batch size, averaged over batches."""
+    counts = np.diff(split.start)
+    losses = []
+    for j in range(int(counts.max())):
+        images = np.flatnonzero(counts > j)
+        captions = split.start[images] + j
+        for lo in range(0, len(images), batch_size):
+            i, c = images[lo:lo + batch_size], captions[lo:lo + batch_size]
+            if len(i) > 1:
+                losses.append(clip_loss(image_emb[i], text_emb[c], logit_scale).item())
+    return float(np.mean(losses))
+
+
+def evaluate(model, split: Split, source, pixels: Pixels, pad_id: int, device, dtype, batch_size: int,
+             loss_batch_size: int = 0, num_workers: int = 0, progress: bool = False) -> dict:
+    """Recall@1/5/10 both ways (and, with loss_batch_size, the contrastive loss) of a model on a split."""
+    was_training = model.training
+    model.eval()
+    image_emb = embed_images(model, split, source, pixels, device, dtype, batch_size, num_workers, progress)
+    text_emb = embed_texts(model, split, pad_id, device, dtype, batch_size, progress)
+    metrics = retrieval_metrics(image_emb, text_emb, torch.from_numpy(split.caption_image))
+    if loss_batch_size:
+        metrics["loss"] = paired_loss(image_emb, text_emb, split, model.scale().float(), loss_batch_size)
+    model.train(was_training)
+    return metrics
+
+
+def format_table(metrics: dict, title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'':12}" + "".join(f"{f'R@{k}':>8}" for k in KS))
+    for name, key in [("image->text", "i2t"), ("text->image", "t2i")]:
+        lines.append(f"{name:12}" + "".join(f"{metrics[f'{key}_R@{k}']:8.1f}" for k in KS))
+    lines.append(f"({metrics['n_images']} images, {metrics['n_captions']} captions; recall in %)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Image<->text retrieval recall of a checkpoint on a data split.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/best, RUN/last) or a run folder")
+    p.add_argument("--data-dir", help="data folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--image-cache", default="auto", choices=["auto", "on", "off"])
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    model, cfg, tokenizer = load_model(args.checkpoint, device)
+    dtype = pick_precision(cfg.precision, device)
+    data = CaptionData(args.data_dir or cfg.data_dir)
+    pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
+    data.open_images(pixels.square, args.image_cache, args.num_workers)
+    data.tokenize(tokenizer, cfg.max_length)
+    split = data.splits[args.split]
+    metrics = evaluate(model, split, data.source, pixels, tokenizer.pad_token_id, device, dtype, args.batch_size,
+                       num_workers=args.num_workers, progress=sys.stderr.isatty())
+    metrics.update(split=args.split, checkpoint=os.path.realpath(args.checkpoint), data_dir=str(data.data_dir))
+    print(format_table(metrics, f"{args.split} split of {data.data_dir}, checkpoint {args.checkpoint}"))
+    if args.json:
+        write_json(args.json, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Pixels: decoding, the decoded-once image cache, and batched augmentation that runs on the training device.
+
+Every image becomes an S x S uint8 square first (shorter side resized to S, centre crop), with S a little larger than
+the training size (S = image_size / crop_pct from timm's data config). That square comes either from the cache (a
+memory-mapped .npy built once, reused while the source files are unchanged) or from decoding the JPEG on the fly; both
+use `to_square`, so both give the same pixels. Augmentation (random resized crop) and normalisation then run on whole
+batches on the device, so the CPU only ever copies bytes.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates at import otherwise
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from utils import fsync_dir, write_json
+
+Image.MAX_IMAGE_PIXELS = 200_000_000  # still guards against decompression bombs, but allows big photos
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode any image PIL reads, apply its EXIF orientation, and convert (grayscale, CMYK, palette, ...) to RGB."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+
+
+def square_transform(size: int) -> A.Compose:
+    """Shorter side to `size` (area interpolation, the sharpest for shrinking), then the centre square."""
+    return A.Compose([A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_AREA),
+                      A.CenterCrop(height=size, width=size)])
+
+
+def to_square(path, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: the one way a file on disk becomes pixels, for the cache and the JPEG path alike."""
+    return square_transform(size)(image=np.asarray(load_rgb(path)))["image"]
+
+
+def check_image(path) -> str | None:
+    """None if the file decodes fully to an image, else why not (truncated, not an image, empty, ...)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.width < 2 or img.height < 2:
+                return f"too small ({img.width}x{img.height})"
+        return None
+    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, DecompressionBombError)
+        return f"{type(e).__name__}: {e}"
+
+
+def fingerprint(paths) -> str:
+    """Changes when any file is added, removed, resized or touched."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class JpegSource:
+    """Decodes each image from disk when asked: for data sets too big for the cache."""
+
+    def __init__(self, paths, size: int):
+        self.paths = [str(p) for p in paths]
+        self.size = size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def get(self, indices) -> np.ndarray:  # (B, S, S, 3) uint8
+        return np.stack([to_square(self.paths[i], self.size) for i in indices])
+
+
+class CacheSource:
+    """Every image decoded once into one memory-mapped (N, S, S, 3) uint8 array."""
+
+    def __init__(self, file, size: int):
+        self.file = str(file)
+        self.size = size
+        self._array = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:  # opened lazily, so data-loader workers each map the file themselves
+            self._array = np.load(self.file, mmap_mode="r")
+        return self._array
+
+    def __getstate__(self):
+        return {"file": self.file, "size": self.size, "_array": None}
+
+    def __len__(self):
+        return len(self.array)
+
+    def get(self, indices) -> np.ndarray:  # (B, S, S, 3) uint8
+        return self.array[np.sort(indices)][np.argsort(np.argsort(indices))]  # sorted reads are sequential on disk
+
+
+def _square_or_none(args):
+    path, size = args
+    try:
+        return to_square(path, size)
+    except Exception:
+        return None
+
+
+def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "caching images"):
+    """Decode `paths` into cache_dir/images-{size}px-*.npy unless a cache of exactly these files exists.
+
+    Returns (CacheSource, paths that failed to decode); failed rows hold zeros and must not be used.
+    """
+    paths = [str(p) for p in paths]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
+    file, meta_file = cache_dir / f"images-{size}px-{key}.npy", cache_dir / f"images-{size}px-{key}.json"
+    stamp = fingerprint(paths)
+    if file.exists() and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("fingerprint") == stamp:
+            return CacheSource(file, size), meta["failed"]
+    need = len(paths) * size * size * 3
+    free = shutil.disk_usage(cache_dir).free
+    if need > free:
+        raise OSError(f"the image cache needs {need / 1e9:.1f} GB in {cache_dir} but only {free / 1e9:.1f} GB are "
+                      f"free; free some space or train with --image-cache off (decodes JPEGs every step)")
+    tmp = cache_dir / f".{file.name}.tmp"
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    jobs = [(p, size) for p in paths]
+    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    results = pool.map(_square_or_none, jobs, chunksize=64) if pool else map(_square_or_none, jobs)
+    failed = []
+    for i, img in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
+        if img is None:
+            failed.append(paths[i])
+        else:
+            array[i] = img
+    if pool:
+        pool.shutdown()
+    array.flush()
+    del array
+    os.replace(tmp, file)
+    write_json(meta_file, {"fingerprint": stamp, "size": size, "count": len(paths), "failed": failed})
+    fsync_dir(cache_dir)
+    return CacheSource(file, size), failed
+
+
+def sample_boxes(generator: torch.Generator, n: int, size: int, scale_min: float,
+                 ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """(n, 4) integer crop boxes (x0, y0, w, h) in an S x S square, as torchvision's RandomResizedCrop samples them:
+    area share uniform in [scale_min, 1], log aspect ratio uniform in `ratio`, position uniform."""
+    area = torch.empty(n).uniform_(scale_min, 1.0, generator=generator) * size * size
+    log_r = torch.empty(n).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=generator)
+    w = torch.sqrt(area * torch.exp(log_r)).round().clamp(1, size)
+    h = torch.sqrt(area / torch.exp(log_r)).round().clamp(1, size)
+    x0 = (torch.rand(n, generator=generator) * (size - w + 1)).floor()
+    y0 = (torch.rand(n, generator=generator) * (size - h + 1)).floor()
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def full_boxes(n: int, size: int) -> torch.Tensor:
+    return torch.tensor([[0.0, 0.0, size, size]]).expand(n, 4)
+
+
+def crop_resize(pixels: torch.Tensor, boxes: torch.Tensor, out_size: int, mean, std) -> torch.Tensor:
+    """Crop each image to its box, resize bilinearly to out_size, and normalise; one batched op on any device.
+
+    pixels: (B, S, S, 3) uint8; boxes: (B, 4) (x0, y0, w, h) in pixels. Returns (B, 3, out, out) float32.
+    Output pixel i samples the input at x0 + (i + 0.5) * w / out - 0.5 (half-pixel centres, edges replicated),
+    exactly as OpenCV / albumentations resize a cropped region.
+    """
+    B, S = pixels.shape[0], pixels.shape[1]
+    x = pixels.permute(0, 3, 1, 2).float()  # (B, 3, S, S)
+    boxes = boxes.to(device=x.device, dtype=torch.float32)
+    x0, y0, w, h = boxes.unbind(1)
+    theta = torch.zeros(B, 2, 3, device=x.device)  # maps output coords in [-1, 1] to input coords in [-1, 1]
+    theta[:, 0, 0] = w / S
+    theta[:, 0, 2] = (2 * x0 + w) / S - 1
+    theta[:, 1, 1] = h / S
+    theta[:, 1, 2] = (2 * y0 + h) / S - 1
+    grid = F.affine_grid(theta, [B, 3, out_size, out_size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, 3, out, out)
+    mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
+def reference_crop_resize(square: np.ndarray, box, out_size: int, mean, std) -> np.ndarray:
+    """The CPU definition of `crop_resize` for one image, with albumentations: (out, out, 3) float32."""
+    x0, y0, w, h = (int(v) for v in box)
+    aug = A.Compose([A.Crop(x_min=x0, y_min=y0, x_max=x0 + w, y_max=y0 + h),
+                     A.Resize(out_size, out_size, interpolation=cv2.INTER_LINEAR),
+                     A.Normalize(mean=mean, std=std, max_pixel_value=255.0)])
+    return aug(image=square)["image"]
+
+
+def square_size(image_size: int, crop_pct: float) -> int:
+    """Side of the cached square: image_size / crop_pct (floored), as timm sizes its eval resize."""
+    return int(math.floor(image_size / crop_pct))
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """How uint8 squares become model input for one image encoder: size, normalisation, memory format."""
+    image_size: int
+    square: int
+    mean: tuple
+    std: tuple
+    channels_last: bool = False
+
+    @classmethod
+    def for_encoder(cls, data_config: dict, image_size: int, channels_last: bool = False) -> "Pixels":
+        return cls(image_size, square_size(image_size, data_config.get("crop_pct", 0.875)),
+                   tuple(data_config["mean"]), tuple(data_config["std"]), channels_last)
+
+    def __call__(self, pixels: torch.Tensor, boxes: torch.Tensor, device) -> torch.Tensor:
+        """(B, S, S, 3) uint8 + (B, 4) boxes -> (B, 3, image_size, image_size) float32 on `device`."""
+        x = crop_resize(pixels.to(device, non_blocking=True), boxes, self.image_size, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def from_files(self, paths, device) -> torch.Tensor:
+        """Whole images (no augmentation) straight from files, e.g. a user's query image."""
+        squares = torch.from_numpy(np.stack([to_square(p, self.square) for p in paths]))
+        return self(squares, full_boxes(len(paths), self.square), device)

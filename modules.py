@@ -1,0 +1,111 @@
+"""The towers: a timm image encoder, a Hugging Face text encoder, and the projection head on each."""
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from utils import hub_error
+
+
+class ImageEncoder(nn.Module):
+    """Any timm model, classifier removed: (B, 3, H, W) -> (B, num_features) pooled features."""
+
+    def __init__(self, name: str, pretrained: bool, image_size: int):
+        super().__init__()
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+            raise ValueError(f"--image-model {name!r} is not a timm model name; similar ones: {close}")
+        try:
+            try:  # ViT-style models take the resolution at build time; convolutional ones refuse the keyword
+                self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=image_size)
+            except TypeError:
+                self.model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        except (OSError, RuntimeError) as e:
+            if not pretrained:
+                raise
+            raise hub_error(name, "timm image weights", "--no-image-pretrained (random initialisation)", e) from None
+        self.out_dim = self.model.num_features
+        self.data_config = timm.data.resolve_model_data_config(self.model)  # mean, std, crop_pct of its weights
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+def build_text_config(name: str, pretrained: bool, layers: int, width: int, heads: int, vocab_size: int, max_length: int):
+    """The transformers config of the text tower: a Hub model's own (pretrained), or, for random init, a model
+    type's defaults ("distilbert") or a Hub model's architecture with the requested depth/width/heads and the
+    tokenizer's vocabulary."""
+    if not pretrained and name in CONFIG_MAPPING:
+        config = AutoConfig.for_model(name)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise hub_error(name, "text model", "--no-text-pretrained --text-model distilbert (random init, "
+                            "no download)", e) from None
+    if pretrained:
+        return config
+    overrides = {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": heads}
+    for key, value in overrides.items():
+        if value:
+            setattr(config, key, value)  # attribute_map turns these into e.g. DistilBERT's n_layers, dim, n_heads
+    if width:
+        for key in ("intermediate_size", "hidden_dim"):  # BERT-style / DistilBERT-style feed-forward width
+            if hasattr(config, key):
+                setattr(config, key, 4 * width)
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"--text-width {config.hidden_size} must be divisible by --text-heads "
+                         f"{config.num_attention_heads}")
+    config.vocab_size = vocab_size
+    config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0), max_length)
+    return config
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder: (B, L) token ids + mask -> (B, hidden) pooled by [CLS] or by the masked mean.
+
+    With pretrained=True the Hub weights of `name` are loaded; otherwise `config` (a transformers config) is built
+    with random weights: checkpoints rebuild their text tower this way, with no download.
+    """
+
+    def __init__(self, name: str, pretrained: bool, pooling: str, vocab_size: int, config=None):
+        super().__init__()
+        if pretrained:
+            try:
+                self.model = AutoModel.from_pretrained(name, attn_implementation="sdpa")
+            except (OSError, ValueError) as e:
+                raise hub_error(name, "text model", "--no-text-pretrained --text-model distilbert", e) from None
+            if self.model.config.vocab_size < vocab_size:
+                raise ValueError(f"the tokenizer has {vocab_size} tokens but {name} only {self.model.config.vocab_size}"
+                                 f" embeddings; use the model's own tokenizer (--tokenizer '')")
+        else:
+            self.model = AutoModel.from_config(config, attn_implementation="sdpa")
+        self.pooling = pooling
+        self.out_dim = self.model.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class ProjectionHead(nn.Module):
+    """Linear -> GELU -> Linear -> dropout, with a residual around the second linear, then LayerNorm (the
+    tutorial's head): (B, in_dim) -> (B, out_dim)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.fc = nn.Linear(out_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = self.proj(x)
+        x = self.dropout(self.fc(F.gelu(projected)))
+        return self.norm(x + projected)

@@ -1,0 +1,47 @@
+"""Tokenizers: the text model's own from the Hub, or a WordPiece one trained offline on a data set's captions.
+
+The local one is saved as DATA/tokenizer (tokenizer.json + config) and loaded through transformers like any other,
+so an offline data folder in the Flickr30k format trains with no download at all.
+"""
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from utils import hub_error
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece(captions: list[str], vocab_size: int, out_dir) -> PreTrainedTokenizerFast:
+    """A lower-casing BERT-style WordPiece tokenizer learned from `captions`, saved to out_dir."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def load_tokenizer(name: str, text_model: str, data_dir, train_captions, vocab_size: int):
+    """`name`: "" = the text model's own tokenizer; "local" = DATA/tokenizer, trained on train_captions() if absent;
+    anything else = a Hub name or a folder."""
+    if name == "local":
+        path = Path(data_dir) / "tokenizer"
+        if not (path / "tokenizer.json").exists():
+            print(f"training a WordPiece tokenizer on the training captions -> {path}")
+            train_wordpiece(train_captions(), vocab_size, path)
+        return AutoTokenizer.from_pretrained(path)
+    name = name or text_model
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise hub_error(name, "tokenizer", "--tokenizer local (a WordPiece tokenizer trained on your captions) "
+                        "with --no-text-pretrained", e) from None

@@ -1,0 +1,235 @@
+"""Train CLIP on captioned images: config -> seed -> device -> data -> model -> optimiser -> loop -> final eval.
+
+    python train.py --preset shapes --data-dir data/shapes --run-dir runs/shapes       # built-in set, CPU minutes
+    python train.py --data-dir data/flickr30k --run-dir runs/flickr                    # the real recipe, on a GPU
+    torchrun --nproc_per_node 8 train.py --data-dir data/flickr30k --run-dir runs/ddp  # many GPUs
+
+Every Config field is a flag (`python train.py --help`). RUN/ gets config.json, env.json, metrics.jsonl (one line
+per epoch), test_metrics.json, and the `last` and `best` checkpoints (see checkpoint.py).
+"""
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import load_training_state, load_weights, rng_state, save_checkpoint
+from clip import CLIPModel
+from config import Config, build_parser, config_from_args, config_from_dict, save_config
+from dataset import CaptionData, TrainBatches, batch_loader, epoch_plan
+from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
+from engine import global_mean, lr_factor, make_optimizer, train_step
+from evaluate import evaluate, format_table
+from images import Pixels
+from tokenizer import load_tokenizer
+from utils import append_jsonl, pick_device, pick_precision, provenance, seed_everything, write_json
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def resolve_config(argv) -> Config:
+    """Flags over the preset over the defaults; with --resume, flags over the run's saved config."""
+    parser = build_parser(__doc__)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if cfg.resume and cfg.run_dir and (Path(cfg.run_dir) / "config.json").exists():
+            saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+            given = {k: v for k, v in vars(args).items() if k != "preset"}
+            cfg = config_from_dict({**saved, **given})
+            cfg.validate()
+        return cfg
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def prepare_run_dir(cfg: Config, d: Dist) -> Path:
+    """Create the run directory; refuse to touch an existing run unless --resume or --overwrite."""
+    run_dir = Path(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    run_dir = Path(broadcast_object(str(run_dir), d))
+    if d.main:
+        has_run = (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists()
+        if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
+            raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
+        if has_run and not cfg.resume:
+            if not cfg.overwrite:
+                raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                                 f"start it over, or choose another --run-dir")
+            for name in ["checkpoints", "last", "best", "metrics.jsonl", "test_metrics.json", "curves.png"]:
+                path = run_dir / name
+                if path.is_symlink() or path.is_file():
+                    path.unlink()
+                elif path.is_dir():
+                    shutil.rmtree(path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(d)
+    return run_dir
+
+
+def main(argv=None) -> dict:
+    cfg = resolve_config(argv)
+    d = init_distributed(cfg.device)
+    try:
+        return train(cfg, d)
+    finally:
+        cleanup(d)
+
+
+def train(cfg: Config, d: Dist) -> dict:
+    # --- device and run directory ---
+    device = torch.device("cuda", d.local_rank) if d.enabled and cfg.device == "auto" and torch.cuda.is_available() \
+        else pick_device(cfg.device)
+    dtype = pick_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # pick the fastest convolution kernels for our fixed shapes
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever stays in fp32
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = prepare_run_dir(cfg, d)
+    cfg.run_dir = str(run_dir)
+    if d.main:
+        save_config(cfg, run_dir / "config.json")
+        write_json(run_dir / "env.json", {**provenance(), "world_size": d.world, "device": str(device),
+                                          "dtype": str(dtype)})
+    seed_everything(cfg.seed + d.rank)
+
+    # --- data and tokenizer ---
+    data = CaptionData(cfg.data_dir, verbose=d.main)
+    train_split = data.splits["train"]
+    for rank_turn in (True, False):  # rank 0 first trains the tokenizer / builds the image cache; then the others
+        if d.main == rank_turn:
+            tokenizer = load_tokenizer(cfg.tokenizer, cfg.text_model, cfg.data_dir, lambda: train_split.captions,
+                                       cfg.vocab_size)
+        barrier(d)
+
+    # --- model ---
+    raw = CLIPModel(cfg, len(tokenizer)).to(device)
+    pixels = Pixels.for_encoder(raw.image_encoder.data_config, cfg.image_size, cfg.channels_last)
+    if cfg.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    for rank_turn in (True, False):
+        if d.main == rank_turn:
+            data.open_images(pixels.square, cfg.image_cache, cfg.num_workers)
+        barrier(d)
+    data.tokenize(tokenizer, cfg.max_length)
+    train_split, val_split = data.splits["train"], data.splits["val"]
+    if d.main:
+        n_params = sum(p.numel() for p in raw.parameters())
+        print(f"{len(train_split)} train / {len(val_split)} val / {len(data.splits['test'])} test images; "
+              f"model {n_params / 1e6:.1f}M parameters on {device} ({str(dtype).split('.')[-1]}), "
+              f"{d.world} process(es) x batch {cfg.batch_size}")
+
+    # --- optimiser and state ---
+    optimizer = make_optimizer(raw, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    drop_last = cfg.compile  # a compiled model recompiles for a smaller last batch
+    steps_per_epoch = len(epoch_plan(train_split, cfg.batch_size, cfg.seed, 0, d.rank, d.world, drop_last))
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--batch-size {cfg.batch_size} x {d.world} process(es) exceeds the "
+                         f"{len(train_split)} training images")
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_frac * total_steps)
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "loss_sum": 0.0, "loss_count": 0}
+    if cfg.resume:
+        state = load_training_state(run_dir / "last", raw, optimizer, scaler, d.rank)
+        if d.main:
+            print(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
+    model = raw
+    if d.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    def save(links, metrics=None):
+        rngs = gather_objects(rng_state(), d)
+        if d.main:
+            save_checkpoint(run_dir, links, raw, cfg, tokenizer, {**state, "metrics": metrics}, provenance(),
+                            optimizer, scaler, rngs)
+        barrier(d)
+
+    # --- loop ---
+    global_batch = cfg.batch_size * d.world
+    last_metrics, lr_scale = {}, lr_factor(state["step"], total_steps, warmup, cfg.min_lr_frac)
+    for epoch in range(state["epoch"], cfg.epochs):
+        plan = epoch_plan(train_split, cfg.batch_size, cfg.seed, epoch, d.rank, d.world, drop_last)
+        batches = TrainBatches(train_split, data.source, plan, tokenizer.pad_token_id, cfg.crop_scale_min, cfg.seed,
+                               epoch, d.rank, fixed_length=cfg.max_length if cfg.compile else 0)
+        loader = batch_loader(batches, cfg.num_workers, device.type == "cuda", start=state["batch"])
+        model.train()
+        bar = tqdm(loader, total=len(plan), initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not d.main, unit="batch", dynamic_ncols=True)
+        window = torch.zeros((), device=device)  # sum of losses since the last read-back
+        window_steps, tick = 0, time.perf_counter()
+        epoch_start = time.perf_counter()
+        for batch in bar:
+            images = pixels(batch["pixels"], batch["boxes"], device)
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+            lr_scale = lr_factor(state["step"], total_steps, warmup, cfg.min_lr_frac)
+            loss = train_step(model, raw, optimizer, scaler, images, input_ids, attention_mask, cfg, d, device,
+                              dtype, lr_scale)
+            window += global_mean(loss, d)
+            window_steps += 1
+            state["step"] += 1
+            state["batch"] += 1
+            if window_steps == cfg.log_every or state["batch"] == len(plan):
+                value = window.item() / window_steps  # the one host sync every log_every steps
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(
+                        f"the loss became {value} by step {state['step']} (epoch {epoch + 1}); stopped. Likely "
+                        f"causes: learning rates too high (--lr-image/--lr-text/--lr-head), fp16 overflow (try "
+                        f"--precision bf16 or fp32), or broken inputs. The last good checkpoint is {run_dir}/last")
+                state["loss_sum"] += value * window_steps
+                state["loss_count"] += window_steps
+                now = time.perf_counter()
+                bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{window_steps * global_batch / (now - tick):.0f}",
+                                lr=f"{lr_scale:.2f}x")
+                window.zero_()
+                window_steps, tick = 0, now
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["batch"] < len(plan):
+                flush = window.item()  # no unchecked losses in a checkpoint
+                if not math.isfinite(flush):
+                    raise NonFiniteLoss(f"the loss became non-finite by step {state['step']}; stopped before saving. "
+                                        f"The last good checkpoint is {run_dir}/last")
+                save(["last"])
+        bar.close()
+
+        # --- end of epoch: validate, log, checkpoint ---
+        seconds = time.perf_counter() - epoch_start
+        metrics = {"epoch": epoch + 1, "step": state["step"],
+                   "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
+                   "logit_scale": raw.scale().item(), "lr_scale": lr_scale, "seconds": round(seconds, 1)}
+        if d.main:
+            val = evaluate(raw, val_split, data.source, pixels, tokenizer.pad_token_id, device, dtype,
+                           cfg.eval_batch_size, loss_batch_size=cfg.batch_size * d.world)
+            metrics.update({f"val_{k}": v for k, v in val.items() if not k.startswith("n_")})
+            append_jsonl(run_dir / "metrics.jsonl", metrics)
+            print(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.3f}, val loss {val['loss']:.3f}, "
+                  f"val R@1/5/10 i2t {val['i2t_R@1']:.1f}/{val['i2t_R@5']:.1f}/{val['i2t_R@10']:.1f} "
+                  f"t2i {val['t2i_R@1']:.1f}/{val['t2i_R@5']:.1f}/{val['t2i_R@10']:.1f}, {seconds:.0f} s")
+        score = broadcast_object(metrics.get("val_mean_recall", -1.0), d)
+        best = score > state["best"]
+        state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0, best=max(score, state["best"]))
+        save(["last", "best"] if best else ["last"], metrics)
+        last_metrics = metrics
+
+    # --- final evaluation of the best checkpoint on the test split ---
+    if d.main:
+        load_weights(raw, run_dir / "best" / "model.safetensors")
+        test = evaluate(raw, data.splits["test"], data.source, pixels, tokenizer.pad_token_id, device, dtype,
+                        cfg.eval_batch_size)
+        write_json(run_dir / "test_metrics.json", test)
+        print(format_table(test, f"test split, best checkpoint ({run_dir}/best)"))
+        last_metrics = {**last_metrics, **{f"test_{k}": v for k, v in test.items()}}
+    barrier(d)
+    return last_metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Ground-floor helpers: seeding, device and precision, atomic file writes, run provenance, JSON-lines logs."""
+
+import contextlib
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' prefers CUDA, then Apple's MPS, then the CPU; anything else is taken as a torch device string."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device torch knows: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but torch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def pick_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 on CUDA where supported, else fp16 (with a grad scaler); fp32 off CUDA."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("--precision fp16 is not supported on the CPU; use fp32 or bf16")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w"):
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never half of either.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(path) -> None:
+    """Make a rename inside `path` durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json(path, obj) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2)
+
+
+def append_jsonl(path, obj) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "") if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance() -> dict:
+    """What produced a run: code version, command line, library versions, machine."""
+    import timm
+    import transformers
+
+    info = {
+        "git_sha": git_sha(),
+        "argv": sys.argv,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def human_count(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def hub_error(name: str, what: str, flag_hint: str, cause: Exception) -> RuntimeError:
+    """A fail-fast message for weights or files that could not come from the Hugging Face Hub."""
+    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    offline = " (HF_HUB_OFFLINE is set, so nothing was downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return RuntimeError(
+        f"could not load the {what} {name!r} from the Hugging Face Hub or its cache{offline}: "
+        f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
+        f"  - the cache is HF_HOME={home}; pre-download on a machine with internet with\n"
+        f"      huggingface-cli download {name}\n"
+        f"    and copy that folder, or point the flag at a local folder holding the files;\n"
+        f"  - or train without it: {flag_hint}")
