@@ -1,0 +1,32 @@
+"""Shared fixtures: an offline environment, a small built-in data set, and flags for a tiny model."""
+
+import os
+
+# Before anything imports timm or transformers: never reach for the Hub (it would retry for half a minute), never
+# ask PyPI whether albumentations is current.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from shapes import make_shapes  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A model small enough to train in seconds on a 2-core CPU, large enough to learn the shapes set.
+TINY = ["--preset", "shapes", "--image-model", "resnet10t", "--image-size", "32", "--text-width", "64",
+        "--text-heads", "2", "--projection-dim", "64", "--batch-size", "32", "--eval-batch-size", "128"]
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """800 shapes pictures at 64 px: 720 train / 40 val / 40 test images."""
+    return make_shapes(tmp_path_factory.mktemp("data") / "shapes", num_images=800, width=64, height=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_dir(tmp_path_factory):
+    """200 pictures: enough for a split and a few steps."""
+    return make_shapes(tmp_path_factory.mktemp("data") / "tiny", num_images=200, width=48, height=48)

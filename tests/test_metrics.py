@@ -1,0 +1,60 @@
+"""Recall@K on hand-built embeddings, including the any-of-five rule for image -> text."""
+
+import torch
+
+from evaluate import retrieval_metrics
+
+
+def one_hot(indices, dim):
+    return torch.nn.functional.one_hot(torch.tensor(indices), dim).float()
+
+
+def test_perfect_retrieval_is_100():
+    # 3 images, 2 captions each; caption embeddings equal to their image's
+    images = one_hot([0, 1, 2], 3)
+    captions = one_hot([0, 0, 1, 1, 2, 2], 3)
+    m = retrieval_metrics(images, captions, torch.tensor([0, 0, 1, 1, 2, 2]), ks=(1, 5))
+    assert m["i2t_R@1"] == 100 and m["t2i_R@1"] == 100
+    assert m["n_images"] == 3 and m["n_captions"] == 6
+
+
+def test_image_to_text_counts_any_of_its_captions():
+    # image 0's best caption is image 1's caption; its own SECOND caption ranks second -> hit at K=2, miss at K=1
+    images = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    captions = torch.tensor([
+        [0.0, 0.0, 1.0],  # caption 0 of image 0: orthogonal to it
+        [0.9, 0.0, 0.0],  # caption 1 of image 0: close
+        [1.0, 1.0, 0.0],  # caption of image 1, but even closer to image 0
+    ])
+    m = retrieval_metrics(images, captions, torch.tensor([0, 0, 1]), ks=(1, 2))
+    # image 0: ranking [c2 (1.0), c1 (0.9), c0 (0)] -> first own caption at rank 2
+    # image 1: ranking [c2 (1.0), ...] -> hit at rank 1
+    assert m["i2t_R@1"] == 50.0
+    assert m["i2t_R@2"] == 100.0
+
+
+def test_text_to_image_ranks_all_images_per_caption():
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    captions = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])  # of images 0, 2, 1
+    owner = torch.tensor([0, 2, 1])
+    m = retrieval_metrics(images, captions, owner, ks=(1, 2))
+    # caption 1 (0.6, 0.8): image 1 scores 0.8, image 2 scores 0.98 -> its image 2 first
+    assert m["t2i_R@1"] == 100.0
+    m = retrieval_metrics(images, captions, torch.tensor([0, 1, 1]), ks=(1, 2, 3))
+    # now caption 1 belongs to image 1, which it ranks second (0.98 > 0.8)
+    assert abs(m["t2i_R@1"] - 200 / 3) < 1e-4 and m["t2i_R@2"] == 100.0
+
+
+def test_matches_a_naive_computation_and_chunking_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(37, 8, generator=g), dim=-1)
+    captions = torch.nn.functional.normalize(torch.randn(185, 8, generator=g), dim=-1)
+    owner = torch.arange(37).repeat_interleave(5)
+    sim = images @ captions.T
+    for k in (1, 5, 10):
+        i2t = sum(bool((owner[sim[i].argsort(descending=True)[:k]] == i).any()) for i in range(37)) / 37 * 100
+        t2i = sum(bool(i in sim[:, c].argsort(descending=True)[:k].tolist()) for c, i in enumerate(owner.tolist()))
+        t2i = t2i / 185 * 100
+        for chunk in (7, 4096):
+            m = retrieval_metrics(images, captions, owner, chunk=chunk)
+            assert abs(m[f"i2t_R@{k}"] - i2t) < 1e-4 and abs(m[f"t2i_R@{k}"] - t2i) < 1e-4
