@@ -178,19 +178,21 @@ def crop_resize(pixels: torch.Tensor, boxes: torch.Tensor, out_size: int, mean, 
     """Crop each image to its box, resize bilinearly to out_size, and normalise; one batched op on any device.
 
     pixels: (B, S, S, 3) uint8; boxes: (B, 4) (x0, y0, w, h) in pixels. Returns (B, 3, out, out) float32.
-    Output pixel i samples the input at x0 + (i + 0.5) * w / out - 0.5 (half-pixel centres, edges replicated),
-    exactly as OpenCV / albumentations resize a cropped region.
+    Output pixel i samples the box at x0 + (i + 0.5) * w / out - 0.5 (half-pixel centres), clamped to the box's
+    edge pixels: exactly crop-then-resize as OpenCV / albumentations do it (see reference_crop_resize).
     """
-    B, S = pixels.shape[0], pixels.shape[1]
+    S = pixels.shape[1]
     x = pixels.permute(0, 3, 1, 2).float()  # (B, 3, S, S)
-    boxes = boxes.to(device=x.device, dtype=torch.float32)
-    x0, y0, w, h = boxes.unbind(1)
-    theta = torch.zeros(B, 2, 3, device=x.device)  # maps output coords in [-1, 1] to input coords in [-1, 1]
-    theta[:, 0, 0] = w / S
-    theta[:, 0, 2] = (2 * x0 + w) / S - 1
-    theta[:, 1, 1] = h / S
-    theta[:, 1, 2] = (2 * y0 + h) / S - 1
-    grid = F.affine_grid(theta, [B, 3, out_size, out_size], align_corners=False)
+    x0, y0, w, h = boxes.to(device=x.device, dtype=torch.float32).unbind(1)  # each (B,)
+    steps = (torch.arange(out_size, device=x.device, dtype=torch.float32) + 0.5) / out_size  # (out,)
+
+    def sample_at(start, length):  # pixel coordinates (B, out) -> grid_sample's [-1, 1] (align_corners=False)
+        coords = start[:, None] + steps[None, :] * length[:, None] - 0.5
+        coords = torch.maximum(torch.minimum(coords, (start + length - 1)[:, None]), start[:, None])
+        return (2 * coords + 1) / S - 1
+
+    gx, gy = sample_at(x0, w), sample_at(y0, h)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (B, out, out, 2)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, 3, out, out)
     mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1) * 255

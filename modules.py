@@ -1,5 +1,7 @@
 """The towers: a timm image encoder, a Hugging Face text encoder, and the projection head on each."""
 
+import difflib
+
 import timm
 import torch
 import torch.nn as nn
@@ -16,8 +18,9 @@ class ImageEncoder(nn.Module):
     def __init__(self, name: str, pretrained: bool, image_size: int):
         super().__init__()
         if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-            raise ValueError(f"--image-model {name!r} is not a timm model name; similar ones: {close}")
+            close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+            raise ValueError(f"--image-model {name!r} is not a timm model name; close ones: {close} "
+                             f"(all: timm.list_models())")
         try:
             try:  # ViT-style models take the resolution at build time; convolutional ones refuse the keyword
                 self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=image_size)
@@ -26,7 +29,9 @@ class ImageEncoder(nn.Module):
         except (OSError, RuntimeError) as e:
             if not pretrained:
                 raise
-            raise hub_error(name, "timm image weights", "--no-image-pretrained (random initialisation)", e) from None
+            repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", "") or ""
+            raise hub_error(name, "timm image weights", "--no-image-pretrained (random initialisation)", e,
+                            repo) from None
         self.out_dim = self.model.num_features
         self.data_config = timm.data.resolve_model_data_config(self.model)  # mean, std, crop_pct of its weights
 

@@ -30,3 +30,13 @@ def shapes_dir(tmp_path_factory):
 def tiny_shapes_dir(tmp_path_factory):
     """200 pictures: enough for a split and a few steps."""
     return make_shapes(tmp_path_factory.mktemp("data") / "tiny", num_images=200, width=48, height=48)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shapes_dir, tmp_path_factory):
+    """A tiny model trained for 6 epochs on shapes_dir (about 20 s): (run directory, returned metrics)."""
+    import train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    metrics = train.main(TINY + ["--data-dir", str(shapes_dir), "--run-dir", str(run), "--epochs", "6"])
+    return run, metrics

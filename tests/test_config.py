@@ -1,0 +1,45 @@
+"""Flags come from the dataclass, presets apply first, bad settings fail before any work with the flag named."""
+
+import pytest
+
+from config import PRESETS, Config, config_from_dict, parse_config
+
+
+def test_defaults_are_the_flickr30k_recipe():
+    cfg = parse_config([])
+    assert (cfg.image_model, cfg.text_model, cfg.image_size, cfg.projection_dim) == \
+        ("resnet50", "distilbert-base-uncased", 224, 256)
+    assert (cfg.lr_image, cfg.lr_text, cfg.lr_head) == (1e-4, 1e-5, 1e-3)
+    assert cfg.image_pretrained and cfg.text_pretrained
+
+
+def test_every_field_is_a_flag_and_flags_beat_the_preset():
+    cfg = parse_config(["--preset", "shapes", "--epochs", "3", "--lr-head", "0.01", "--no-channels-last",
+                        "--text-pooling", "cls", "--run-dir", "runs/x"])
+    assert cfg.epochs == 3 and cfg.lr_head == 0.01 and not cfg.channels_last and cfg.text_pooling == "cls"
+    assert cfg.image_model == PRESETS["shapes"]["image_model"] and cfg.image_pretrained is False
+    assert cfg.run_dir == "runs/x"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--epochs", "3", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--lr-image", "-0.1"], "--lr-image must not be negative"),
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--batch-size", "10", "--accum-steps", "3"], "divisible by --accum-steps"),
+    (["--num-workers", "100000"], "--num-workers 100000 is far more"),
+    (["--epochs", "two"], "invalid int value: 'two'"),
+])
+def test_bad_flags_fail_with_the_flag_named(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_saved_config_round_trips_and_unknown_fields_are_refused():
+    cfg = parse_config(["--preset", "shapes", "--epochs", "2"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="mystery"):
+        config_from_dict({**cfg.to_dict(), "mystery": 1})
+    assert Config().to_dict() == parse_config([]).to_dict()

@@ -1,0 +1,93 @@
+"""Splits by image, one caption per image per epoch, sharding across ranks, dynamic padding."""
+
+import numpy as np
+import pytest
+
+from dataset import CaptionData, Split, epoch_plan, split_names, text_batch
+
+
+def make_split(n_images, captions_per_image=5):
+    counts = np.full(n_images, captions_per_image) if np.isscalar(captions_per_image) else np.array(captions_per_image)
+    start = np.concatenate([[0], np.cumsum(counts)])
+    captions = [f"caption {j} of image {i}" for i, c in enumerate(counts) for j in range(c)]
+    return Split("train", [f"{i}.jpg" for i in range(n_images)], np.arange(n_images), captions, start)
+
+
+def test_no_image_in_two_splits_and_all_captions_follow_their_image(shapes_dir):
+    data = CaptionData(shapes_dir, verbose=False)
+    sets = {name: set(s.images) for name, s in data.splits.items()}
+    assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"] and not sets["val"] & sets["test"]
+    assert sum(len(s) for s in sets.values()) == 800
+    assert len(sets["test"]) == len(sets["val"]) == 40  # 5% each
+    for split in data.splits.values():
+        for i, name in enumerate(split.images):  # every caption of an image sits in that image's split
+            assert split.captions[split.start[i]:split.start[i + 1]] == data.captions[name]
+        assert len(split.captions) == 5 * len(split)
+
+
+def test_split_is_deterministic_and_independent_of_listing_order():
+    names = [f"{i}.jpg" for i in range(500)]
+    a = split_names(names, "nowhere")
+    b = split_names(list(reversed(names)), "nowhere")
+    assert a == b
+    assert len(a["test"]) == 25 and len(a["train"]) == 450
+
+
+def test_split_file_overrides_the_seeded_split(tmp_path):
+    (tmp_path / "splits.json").write_text('{"train": ["a.jpg", "b.jpg"], "val": ["c.jpg"], "test": ["d.jpg", "x.jpg"]}')
+    got = split_names(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], tmp_path)
+    assert got == {"train": ["a.jpg", "b.jpg"], "val": ["c.jpg"], "test": ["d.jpg"]}  # x.jpg is not on disk
+
+
+def test_each_epoch_yields_each_image_once_with_one_of_its_own_captions():
+    split = make_split(103, [5] * 100 + [1, 2, 7])
+    owner = split.caption_image
+    seen_choices = set()
+    for epoch in range(3):
+        plan = epoch_plan(split, batch_size=16, seed=1, epoch=epoch)
+        captions = np.concatenate(plan)
+        images = owner[captions]
+        assert sorted(images.tolist()) == list(range(103))  # every image exactly once
+        for batch in plan:
+            assert len(set(owner[batch].tolist())) == len(batch)  # never two captions of one image in a batch
+        seen_choices.add(tuple(captions[np.argsort(images)].tolist()))
+        assert [len(b) for b in plan] == [16] * 6 + [7]
+    assert len(seen_choices) == 3  # a different caption draw every epoch
+
+
+def test_plan_is_deterministic_and_drop_last_keeps_shapes_fixed():
+    split = make_split(50)
+    a = epoch_plan(split, 8, seed=3, epoch=2)
+    b = epoch_plan(split, 8, seed=3, epoch=2)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert [len(x) for x in epoch_plan(split, 8, seed=3, epoch=2, drop_last=True)] == [8] * 6
+
+
+@pytest.mark.parametrize("n_images,world", [(64, 2), (70, 2), (61, 4)])
+def test_ranks_shard_the_global_batches_without_overlap(n_images, world):
+    split = make_split(n_images)
+    single = epoch_plan(split, 8 * world, seed=0, epoch=1)
+    shards = [epoch_plan(split, 8, seed=0, epoch=1, rank=r, world=world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of steps
+    for step, global_batch in enumerate(single):
+        parts = [shards[r][step] for r in range(world)]
+        assert len({len(p) for p in parts}) == 1  # equal sizes, so features can be all-gathered
+        joined = np.concatenate(parts)
+        # rank-major concatenation is the one-process batch (minus at most world-1 leftovers in a last batch)
+        assert (joined == global_batch[:len(joined)]).all() and len(global_batch) - len(joined) < world
+
+
+def test_text_batch_pads_only_to_the_longest_caption_rounded_to_8():
+    split = make_split(3, 1)
+    split.tokens = np.zeros((3, 48), dtype=np.int32)
+    split.lengths = np.array([3, 11, 5], dtype=np.int32)
+    for i, n in enumerate(split.lengths):
+        split.tokens[i, :n] = np.arange(1, n + 1) + 100 * i
+    batch = text_batch(split, np.array([0, 2]), pad_id=0)
+    assert batch["input_ids"].shape == (2, 8)  # longest is 5 -> 8
+    assert batch["attention_mask"].sum(1).tolist() == [3, 5]
+    assert batch["input_ids"][0].tolist() == [1, 2, 3, 0, 0, 0, 0, 0]
+    assert text_batch(split, np.array([0, 1]), pad_id=0)["input_ids"].shape == (2, 16)
+    assert text_batch(split, np.array([0]), pad_id=0, fixed_length=48)["input_ids"].shape == (1, 48)
+    padded = text_batch(split, np.array([0, 1]), pad_id=7)
+    assert (padded["input_ids"][~padded["attention_mask"]] == 7).all()

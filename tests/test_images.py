@@ -1,0 +1,84 @@
+"""The cache gives the JPEG path's pixels; device-side augmentation matches its CPU definition."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from images import JpegSource, build_cache, crop_resize, full_boxes, reference_crop_resize, sample_boxes, to_square
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def photo(path, w, h, seed=0):
+    """A smooth, photo-like test image (JPEG artefacts of pure noise would make everything flaky)."""
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    channels = [np.sin(x / rng.uniform(5, 20) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(5, 20)) for _ in range(3)]
+    Image.fromarray((np.stack(channels, -1) * 120 + 128).astype(np.uint8)).save(path, quality=92)
+    return path
+
+
+def test_cache_holds_exactly_the_jpeg_paths_pixels(tmp_path):
+    paths = [photo(tmp_path / f"{i}.jpg", 500, 375, i) for i in range(6)]
+    cache, failed = build_cache(paths, 73, tmp_path / "cache")
+    assert failed == []
+    jpeg = JpegSource(paths, 73)
+    order = np.array([4, 0, 5, 1])
+    assert np.array_equal(cache.get(order), jpeg.get(order))
+    assert cache.get(order).shape == (4, 73, 73, 3)
+
+
+def test_cache_is_reused_while_files_are_unchanged_and_rebuilt_after(tmp_path):
+    paths = [photo(tmp_path / f"{i}.jpg", 80, 60, i) for i in range(3)]
+    first, _ = build_cache(paths, 32, tmp_path / "cache")
+    stamp = (tmp_path / "cache" / first.file.split("/")[-1]).stat().st_mtime_ns
+    again, _ = build_cache(paths, 32, tmp_path / "cache")
+    assert again.file == first.file and (tmp_path / "cache" / first.file.split("/")[-1]).stat().st_mtime_ns == stamp
+    photo(paths[1], 80, 60, seed=99)  # same name, new content
+    rebuilt, _ = build_cache(paths, 32, tmp_path / "cache")
+    assert np.array_equal(rebuilt.get([1])[0], to_square(paths[1], 32))
+
+
+def test_cache_reports_files_that_do_not_decode(tmp_path):
+    paths = [photo(tmp_path / "ok.jpg", 40, 40), tmp_path / "broken.jpg"]
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    _, failed = build_cache(paths, 16, tmp_path / "cache")
+    assert failed == [str(tmp_path / "broken.jpg")]
+
+
+def test_to_square_resizes_the_short_side_and_centre_crops(tmp_path):
+    img = np.zeros((60, 120, 3), dtype=np.uint8)
+    img[:, 30:90] = 255  # a white centre band exactly as wide as the centre square
+    Image.fromarray(img).save(tmp_path / "band.png")
+    square = to_square(tmp_path / "band.png", 30)
+    assert square.shape == (30, 30, 3)
+    assert square.min() >= 250  # the centre crop is all band
+
+
+def test_device_crop_resize_matches_albumentations_definition(tmp_path):
+    squares = np.stack([to_square(photo(tmp_path / f"{i}.jpg", 300, 200, i), 73) for i in range(8)])
+    boxes = sample_boxes(torch.Generator().manual_seed(0), 8, 73, scale_min=0.5)
+    got = crop_resize(torch.from_numpy(squares), boxes, 64, MEAN, STD).permute(0, 2, 3, 1).numpy()
+    for i in range(8):
+        want = reference_crop_resize(squares[i], boxes[i].tolist(), 64, MEAN, STD)
+        # OpenCV's bilinear uint8 path rounds through fixed point: within ~1 grey level of 255
+        assert np.abs(got[i] - want).max() < 2 / 255 / min(STD)
+
+
+def test_full_box_is_a_plain_resize_and_crops_select_their_region():
+    square = torch.zeros(1, 10, 10, 3, dtype=torch.uint8)
+    square[0, :, 5:] = 255  # right half white
+    whole = crop_resize(square, full_boxes(1, 10), 10, (0, 0, 0), (1, 1, 1))
+    assert torch.allclose(whole[0, 0], square[0, :, :, 0].float() / 255)  # same size: identity, in [0, 1]
+    right = crop_resize(square, torch.tensor([[5.0, 0.0, 5.0, 10.0]]), 4, (0, 0, 0), (1, 1, 1))
+    assert (right == 1).all()
+
+
+def test_sampled_boxes_stay_inside_with_the_requested_area():
+    boxes = sample_boxes(torch.Generator().manual_seed(1), 2000, 100, scale_min=0.9)
+    x0, y0, w, h = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 100).all() and (y0 + h <= 100).all()
+    area = w * h / 100 ** 2
+    assert area.min() > 0.8 and area.max() <= 1.0
+    same = sample_boxes(torch.Generator().manual_seed(1), 2000, 100, scale_min=0.9)
+    assert torch.equal(boxes, same)

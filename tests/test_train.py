@@ -1,0 +1,107 @@
+"""End to end on CPU: a tiny model learns the built-in set, and an unseen data set in another format."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import train
+from checkpoint import load_model
+from clip import CLIPModel
+from conftest import TINY
+from dataset import CaptionData
+from images import Pixels
+from utils import read_jsonl
+
+
+def untrained_test_recall(run):
+    """Recall of a randomly initialised model of the run's architecture, on the run's test split."""
+    _, cfg, tokenizer = load_model(run / "best")
+    torch.manual_seed(0)
+    model = CLIPModel(cfg, len(tokenizer)).eval()
+    data = CaptionData(cfg.data_dir, verbose=False)
+    pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size)
+    data.open_images(pixels.square)
+    data.tokenize(tokenizer, cfg.max_length)
+    return evaluate.evaluate(model, data.splits["test"], data.source, pixels, tokenizer.pad_token_id,
+                             torch.device("cpu"), torch.float32, 128)
+
+
+def test_tiny_model_learns_the_shapes_set(tiny_run):
+    run, metrics = tiny_run
+    before = untrained_test_recall(run)
+    # 40 test images, 200 captions: chance R@5 is 12.5%
+    assert before["i2t_R@5"] < 35 and before["t2i_R@5"] < 35
+    for direction in ("i2t", "t2i"):
+        assert metrics[f"test_{direction}_R@5"] >= 60, metrics
+        assert metrics[f"test_{direction}_R@5"] >= 2 * before[f"{direction}_R@5"]
+        assert metrics[f"test_{direction}_R@1"] >= 3 * 100 / 40  # three times chance at R@1
+    history = read_jsonl(run / "metrics.jsonl")
+    assert history[-1]["train_loss"] < 0.75 * history[0]["train_loss"]
+
+
+def test_run_directory_holds_config_metrics_and_checkpoints(tiny_run):
+    run, _ = tiny_run
+    history = read_jsonl(run / "metrics.jsonl")
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert all(h["step"] == 23 * h["epoch"] for h in history)  # 720 images / batch 32 -> 23 steps (last one small)
+    saved = json.loads((run / "config.json").read_text())
+    best = json.loads((run / "best" / "checkpoint.json").read_text())
+    last = json.loads((run / "last" / "checkpoint.json").read_text())
+    assert saved == best["config"] == last["config"] and saved["epochs"] == 6
+    assert last["state"]["step"] == 138 and last["state"]["epoch"] == 6
+    best_epoch = max(history, key=lambda h: h["val_mean_recall"])
+    assert best["state"]["metrics"]["epoch"] == best_epoch["epoch"]
+    for name in ("model.safetensors", "training_state.safetensors", "text_config.json", "tokenizer/tokenizer.json"):
+        assert (run / "last" / name).exists(), name
+    assert json.loads((run / "env.json").read_text())["torch"] == torch.__version__
+    assert len(list((run / "checkpoints").iterdir())) <= 2  # superseded checkpoints are deleted
+
+
+def test_reloaded_checkpoint_reproduces_the_training_process_metrics(tiny_run, tmp_path):
+    run, metrics = tiny_run
+    out = tmp_path / "test.json"
+    again = evaluate.main(["--checkpoint", str(run / "best"), "--split", "test", "--json", str(out)])
+    for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
+        assert again[key] == pytest.approx(metrics[f"test_{key}"], abs=1e-9)
+    written = json.loads(out.read_text())
+    assert written["n_images"] == 40 and written["n_captions"] == 200 and "i2t_R@5" in written
+
+
+def write_stripes(folder, n=400, seed=0):
+    """A data set the preset has never seen, in the bring-your-own format (captions.csv, 2-3 captions each)."""
+    colours = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 210, 30),
+               "black": (10, 10, 10), "white": (245, 245, 245)}
+    names = list(colours)
+    rng = np.random.default_rng(seed)
+    (folder / "photos").mkdir(parents=True)
+    rows = ["image,caption"]
+    for i in range(n):
+        a, b = rng.choice(len(names), 2, replace=False)
+        vertical = bool(rng.integers(2))
+        width = int(rng.choice([4, 8]))
+        idx = np.arange(48) // width % 2
+        stripe = np.where(idx[None, :] if vertical else idx[:, None], 1, 0)
+        img = np.where(stripe[..., None] == 1, colours[names[a]], colours[names[b]]).astype(np.uint8)
+        img = np.broadcast_to(img, (48, 48, 3))
+        Image.fromarray(np.ascontiguousarray(img)).save(folder / "photos" / f"s{i}.png")
+        kind = "vertical" if vertical else "horizontal"
+        thick = "thin" if width == 4 else "wide"
+        rows += [f"s{i}.png,{thick} {kind} stripes of {names[a]} and {names[b]}",
+                 f"s{i}.png,\"{names[b]} and {names[a]}, {kind}\""]
+        if i % 2:
+            rows.append(f"s{i}.png,a {kind} pattern in {names[a]}")
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    (folder / "images").symlink_to("photos")
+
+
+def test_the_same_preset_learns_an_unseen_data_set(tmp_path):
+    data = tmp_path / "stripes"
+    write_stripes(data)
+    metrics = train.main(TINY + ["--data-dir", str(data), "--run-dir", str(tmp_path / "run"), "--epochs", "6"])
+    # 20 test images: chance R@5 is 25%
+    assert metrics["test_i2t_R@5"] >= 70 and metrics["test_t2i_R@5"] >= 60, metrics
+    assert (data / "tokenizer" / "tokenizer.json").exists()  # trained from this folder's own captions
