@@ -33,7 +33,22 @@ class ImageEncoder(nn.Module):
             raise hub_error(name, "timm image weights", "--no-image-pretrained (random initialisation)", e,
                             repo) from None
         self.out_dim = self.model.num_features
+        self._check_size(name, image_size)
         self.data_config = timm.data.resolve_model_data_config(self.model)  # mean, std, crop_pct of its weights
+
+    @torch.no_grad()
+    def _check_size(self, name: str, image_size: int) -> None:
+        """One tiny forward pass now, so a resolution the model can't take fails before any data work."""
+        was_training = self.model.training
+        try:
+            out = self.model.eval()(torch.zeros(1, 3, image_size, image_size))
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise ValueError(f"--image-size {image_size} does not fit --image-model {name}: {e}") from None
+        finally:
+            self.model.train(was_training)
+        if out.shape != (1, self.out_dim):
+            raise ValueError(f"--image-model {name} gives features of shape {tuple(out.shape[1:])} at "
+                             f"--image-size {image_size}, not a pooled vector")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

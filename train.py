@@ -164,9 +164,29 @@ def train(cfg: Config, d: Dist) -> dict:
         model.train()
         bar = tqdm(loader, total=len(plan), initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not d.main, unit="batch", dynamic_ncols=True)
-        window = torch.zeros((), device=device)  # sum of losses since the last read-back
+        window = torch.zeros((), device=device)  # sum of losses since the last read-back, kept on the device
         window_steps, tick = 0, time.perf_counter()
         epoch_start = time.perf_counter()
+
+        def read_losses():
+            """The one host sync: check the losses since the last read and add them to the epoch's tally."""
+            nonlocal window_steps, tick
+            if window_steps == 0:
+                return
+            value = window.item() / window_steps
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"the loss became {value} by step {state['step']} (epoch {epoch + 1}); stopped. Likely causes: "
+                    f"learning rates too high (--lr-image/--lr-text/--lr-head), fp16 overflow (try --precision bf16 "
+                    f"or fp32), or broken inputs. The last good checkpoint is {run_dir}/last")
+            state["loss_sum"] += value * window_steps
+            state["loss_count"] += window_steps
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{window_steps * global_batch / (now - tick):.0f}",
+                            lr=f"{lr_scale:.2f}x")
+            window.zero_()
+            window_steps, tick = 0, now
+
         for batch in bar:
             images = pixels(batch["pixels"], batch["boxes"], device)
             input_ids = batch["input_ids"].to(device, non_blocking=True)
@@ -178,26 +198,12 @@ def train(cfg: Config, d: Dist) -> dict:
             window_steps += 1
             state["step"] += 1
             state["batch"] += 1
-            if window_steps == cfg.log_every or state["batch"] == len(plan):
-                value = window.item() / window_steps  # the one host sync every log_every steps
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(
-                        f"the loss became {value} by step {state['step']} (epoch {epoch + 1}); stopped. Likely "
-                        f"causes: learning rates too high (--lr-image/--lr-text/--lr-head), fp16 overflow (try "
-                        f"--precision bf16 or fp32), or broken inputs. The last good checkpoint is {run_dir}/last")
-                state["loss_sum"] += value * window_steps
-                state["loss_count"] += window_steps
-                now = time.perf_counter()
-                bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{window_steps * global_batch / (now - tick):.0f}",
-                                lr=f"{lr_scale:.2f}x")
-                window.zero_()
-                window_steps, tick = 0, now
+            if window_steps == cfg.log_every:
+                read_losses()
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["batch"] < len(plan):
-                flush = window.item()  # no unchecked losses in a checkpoint
-                if not math.isfinite(flush):
-                    raise NonFiniteLoss(f"the loss became non-finite by step {state['step']}; stopped before saving. "
-                                        f"The last good checkpoint is {run_dir}/last")
+                read_losses()  # a checkpoint never holds weights after an unchecked loss
                 save(["last"])
+        read_losses()
         bar.close()
 
         # --- end of epoch: validate, log, checkpoint ---

@@ -1,0 +1,152 @@
+"""Never lose a run: exact resume after SIGKILL, atomic checkpoints, non-finite losses, existing run folders,
+safe and explicit loading."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoint
+import train
+from conftest import TINY
+from utils import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_train(args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def last_step(run: Path) -> int:
+    link = run / "last"
+    return int(os.readlink(link).split("-")[-1]) if link.is_symlink() else -1
+
+
+def without_timing(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(shapes_dir, tmp_path):
+    args = TINY + ["--data-dir", str(shapes_dir), "--epochs", "2", "--save-every", "13", "--log-every", "5"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_train(args + ["--run-dir", str(straight)])
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+
+    proc = run_train(args + ["--run-dir", str(killed)])
+    deadline = time.monotonic() + 300
+    while last_step(killed) not in (26, 39) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # epoch 2 runs steps 24-46; checkpoints at steps 26 and 39
+    assert proc.poll() is None, "training finished before it could be killed mid-epoch"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 23 < last_step(killed) < 46 and len(read_jsonl(killed / "metrics.jsonl")) == 1
+
+    proc = run_train(args + ["--run-dir", str(killed), "--resume"])
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    assert "resuming" in out
+    a, b = load_file(straight / "last" / "model.safetensors"), load_file(killed / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert without_timing(read_jsonl(straight / "metrics.jsonl")) == without_timing(read_jsonl(killed / "metrics.jsonl"))
+    assert json.loads((straight / "test_metrics.json").read_text()) == \
+        json.loads((killed / "test_metrics.json").read_text())
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_run, tmp_path):
+    run, _ = tiny_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
+    before = os.readlink(copy / "last")
+    # a child process that starts saving a new checkpoint and hangs after writing its files, before the rename
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+import checkpoint
+model, cfg, tokenizer = checkpoint.load_model({str(copy / 'last')!r})
+checkpoint._fsync_tree = lambda folder: (print("WRITTEN", flush=True), time.sleep(600))
+checkpoint.save_checkpoint({str(copy)!r}, ["last", "best"], model, cfg, tokenizer, {{"step": 999}}, {{}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout.readline().strip() == "WRITTEN"
+    assert (copy / "checkpoints" / ".step-00000999.tmp" / "model.safetensors").exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.readlink(copy / "last") == before
+    model, cfg, _ = checkpoint.load_model(copy / "last")
+    assert cfg.epochs == 6 and sum(p.numel() for p in model.parameters()) > 0
+    # the next save cleans the half-written folder away
+    model, cfg, tokenizer = checkpoint.load_model(copy / "last")
+    checkpoint.save_checkpoint(copy, ["last"], model, cfg, tokenizer, {"step": 1000}, {})
+    assert not (copy / "checkpoints" / ".step-00000999.tmp").exists()
+    assert os.readlink(copy / "last") == "checkpoints/step-00001000"
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shapes_dir, tmp_path, monkeypatch):
+    real_step, calls = train.train_step, []
+
+    def poisoned(*args, **kwargs):  # the 30th step's loss is NaN
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 30 else loss
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(train.NonFiniteLoss) as e:
+        train.main(TINY + ["--data-dir", str(shapes_dir), "--run-dir", str(run), "--epochs", "3",
+                           "--save-every", "10", "--log-every", "5"])
+    message = str(e.value)
+    assert "by step 30" in message and "--precision bf16" in message and "learning rates" in message
+    assert last_step(run) == 23  # the end of epoch 1; steps 24-29 were never saved with a NaN pending
+    model, _, _ = checkpoint.load_model(run / "last")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--epochs", "1"]
+    train.main(args)
+    stamp = (run / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
+        train.main(args)
+    assert (run / "metrics.jsonl").read_text() == stamp
+    train.main(args + ["--overwrite"])
+    assert len(read_jsonl(run / "metrics.jsonl")) == 1
+    with pytest.raises(SystemExit, match="no checkpoint to resume"):
+        train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "new"), "--resume"])
+
+
+def test_loading_never_unpickles(tiny_run, monkeypatch):
+    run, _ = tiny_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something on the load path unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    model, cfg, tokenizer = checkpoint.load_model(run / "best")
+    assert cfg.image_model == "resnet10t" and len(tokenizer) > 10
+
+
+def test_loading_into_another_architecture_says_what_differs(tiny_run):
+    run, _ = tiny_run
+    model, cfg, tokenizer = checkpoint.load_model(run / "best")
+    from clip import CLIPModel
+    other = CLIPModel(checkpoint.Config(**{**cfg.to_dict(), "projection_dim": 32}), len(tokenizer))
+    with pytest.raises(ValueError, match=r"of another shape.*image_projection"):
+        checkpoint.load_weights(other, run / "best" / "model.safetensors")
