@@ -151,10 +151,11 @@ def save_checkpoint(run_dir, links, model, cfg: Config, tokenizer, state: dict, 
 
 
 def _collect_garbage(run_dir: Path) -> None:
-    """Delete checkpoint folders no link points to any more."""
+    """Delete checkpoint folders no link points to any more, and half-written ones a killed save left behind
+    (one process writes checkpoints, so once its own folder is renamed any temporary one is stale)."""
     keep = {os.readlink(run_dir / n).split("/")[-1] for n in ("last", "best") if (run_dir / n).is_symlink()}
     for folder in (run_dir / CHECKPOINTS).iterdir():
-        if folder.name not in keep and not folder.name.startswith("."):
+        if folder.name not in keep:
             shutil.rmtree(folder, ignore_errors=True)
 
 
