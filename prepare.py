@@ -147,6 +147,10 @@ def extract(zip_path: Path, out: Path, spec: DatasetSpec) -> None:
     try:
         with zipfile.ZipFile(zip_path) as zf:
             caption, images, skipped = locate(zf.namelist(), spec, zip_path)
+            need, free = sum(zf.getinfo(n).file_size for n in [caption, *images]), shutil.disk_usage(out).free
+            if need > free:
+                raise PrepareError(f"extracting {zip_path} needs {need / 1e9:.1f} GB in {out}, but only "
+                                   f"{free / 1e9:.1f} GB are free; free some space or choose another --out")
             (staging / "images").mkdir(parents=True)
             extract_member(zf, caption, staging / spec.caption_file)
             for name in tqdm(images, desc=f"extracting {zip_path.name}", unit="img"):

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -218,6 +219,14 @@ def test_damaged_zip_is_refused_and_left_unchanged(tmp_path, kaggle_zip):
     with pytest.raises(SystemExit, match="built.zip is damaged"):
         run(["--zip", str(kaggle_zip), "--out", str(tmp_path / "d")])
     assert kaggle_zip.read_bytes() == data and not (tmp_path / "d" / "prepare_report.json").exists()
+
+
+def test_full_disk_is_said_before_extracting(tmp_path, kaggle_zip, monkeypatch):
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))
+    with pytest.raises(SystemExit, match=r"needs 0.0 GB in .*, but only 0.0 GB are free"):
+        run(["--zip", str(kaggle_zip), "--out", str(tmp_path / "d")])
+    assert not (tmp_path / "d" / prepare.STAGING).exists()
 
 
 def test_zip_of_another_data_set_says_so(tmp_path):
