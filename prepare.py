@@ -157,9 +157,9 @@ def extract(zip_path: Path, out: Path, spec: DatasetSpec) -> None:
                 extract_member(zf, name, staging / "images" / PurePosixPath(name).name)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad CRC, bad compressed data, a short member
         raise PrepareError(f"{zip_path} is damaged ({e}); delete it and download it again") from None
-    for path in targets:  # images first: a staging folder still holding the captions means "not done"
+    for path in targets:
         os.replace(staging / path.name, path)
-    staging.rmdir()
+    staging.rmdir()  # last: while the staging folder exists, the extraction counts as unfinished
     print(f"extracted {caption} and {len(images):,} images from {PurePosixPath(images[0]).parent}/"
           + (f"; skipped the redundant copies in {skipped}" if skipped else ""))
 
