@@ -9,7 +9,6 @@ seeded shuffle with 5% of images (at most 1,000) each for val and test.
 """
 
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ CAPTION_FILES = ["results.csv", "captions.txt", "captions.csv"]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SPLIT_SEED = 0  # fixed, independent of --seed, so every run of a data set uses the same test images
 EVAL_SHARE, EVAL_MAX = 0.05, 1000
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -67,22 +67,33 @@ def decode_lines(raw: bytes, report: ParseReport, source: str) -> list[str]:
     return lines
 
 
-ROW_WITHOUT_DELIMITER = re.compile(r"^\s*(\d+)\s+(\S.*)$")  # "2199200615.jpg| 4   A dog runs across the grass ."
+# A row that lost one or both `|` delimiters, e.g. the real Flickr30k file's `2199200615.jpg| 4   A dog runs across
+# the grass .`: an image file name, the comment number, then the caption.
+ROW_WITHOUT_DELIMITER = re.compile(r"^\s*([^|\s]+\.[A-Za-z]+)\s*\|?\s*(\d+)\s*\|?\s*(\S.*)$")
+# An `image,caption` row that lost its comma: an image file name, whitespace, then the caption.
+CSV_ROW_WITHOUT_DELIMITER = re.compile(r"^\s*([^,\s]+\.[A-Za-z]+)\s+(\S.*)$")
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name.strip()).suffix.lower() in IMAGE_EXTS
 
 
 def parse_pipe_rows(lines: list[str], report: ParseReport, source: str) -> list[tuple[int, str, str]]:
-    """Flickr30k `results.csv` rows -> (line, image, caption); repairs rows that lost their second delimiter."""
+    """Flickr30k `results.csv` rows -> (line, image, caption); repairs rows that lost a delimiter.
+
+    The first line is the header `image_name| comment_number| comment`, unless it already is a data row."""
+    first = 1 if lines and is_image_name(lines[0].split("|")[0]) else 2
     rows = []
-    for number, line in enumerate(lines[1:], start=2):
+    for number, line in enumerate(lines[first - 1:], start=first):
         if not line.strip():
             continue
         parts = line.split("|")
         if len(parts) >= 3:
             image, caption = parts[0].strip(), "|".join(parts[2:]).strip()
-        elif len(parts) == 2 and (m := ROW_WITHOUT_DELIMITER.match(parts[1])):
-            image, caption = parts[0].strip(), m.group(2).strip()
-            report.repaired_rows.append({"line": number, "fix": "missing '|' between number and caption",
-                                         "text": line, "file": source})
+        elif m := ROW_WITHOUT_DELIMITER.match(line):
+            image, caption = m.group(1), m.group(3).strip()
+            report.repaired_rows.append({"line": number, "fix": "missing '|' delimiter", "text": line,
+                                         "file": source})
         else:
             report.dropped_rows.append({"line": number, "reason": "not `image| number| caption`", "text": line,
                                         "file": source})
@@ -92,22 +103,30 @@ def parse_pipe_rows(lines: list[str], report: ParseReport, source: str) -> list[
 
 
 def parse_csv_rows(lines: list[str], report: ParseReport, source: str) -> list[tuple[int, str, str]]:
-    """`image,caption` rows (Flickr8k's captions.txt, bring-your-own captions.csv); quoted fields allowed."""
+    """`image,caption` rows (Flickr8k's captions.txt, bring-your-own captions.csv) -> (line, image, caption).
+
+    Quoted fields are allowed; each line is one row, so a stray quote cannot swallow the lines after it. Extra
+    columns are allowed; an unquoted comma inside a caption is glued back; a row that lost its comma is repaired."""
     header = [h.strip().lower() for h in next(csv.reader([lines[0]]))] if lines else []
     if "image" not in header or "caption" not in header:
         raise ValueError(f"{source}: the first line must be a header naming the columns `image` and `caption`, "
                          f"got {lines[0][:80]!r}" if lines else f"{source} is empty")
     i_img, i_cap = header.index("image"), header.index("caption")
     rows = []
-    for number, fields in enumerate(csv.reader(io.StringIO("\n".join(lines[1:]))), start=2):
-        if not fields or not any(f.strip() for f in fields):
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
             continue
-        if len(fields) <= max(i_img, i_cap):
-            report.dropped_rows.append({"line": number, "reason": "too few columns", "text": ",".join(fields),
-                                        "file": source})
-            continue
-        extra = fields[max(i_img, i_cap) + 1:]  # an unquoted comma inside a caption splits it; glue it back
-        rows.append((number, fields[i_img].strip(), ",".join([fields[i_cap], *extra]).strip()))
+        fields = next(csv.reader([line]))
+        extra = len(fields) - len(header)  # > 0: the caption held unquoted commas
+        if extra < 0 and (m := CSV_ROW_WITHOUT_DELIMITER.match(line)) and header[:2] == ["image", "caption"]:
+            report.repaired_rows.append({"line": number, "fix": "missing ',' delimiter", "text": line, "file": source})
+            rows.append((number, m.group(1), m.group(2).strip()))
+        elif len(fields) <= max(i_img, i_cap):
+            report.dropped_rows.append({"line": number, "reason": "too few columns", "text": line, "file": source})
+        else:
+            extra = max(extra, 0)
+            image = fields[i_img + extra if i_img > i_cap else i_img]
+            rows.append((number, image.strip(), ",".join(fields[i_cap:i_cap + 1 + extra]).strip()))
     return rows
 
 
@@ -122,7 +141,7 @@ def read_captions(data_dir) -> tuple[list[tuple[int, str, str]], ParseReport]:
         if not caption:
             report.dropped_rows.append({"line": number, "reason": "empty caption", "text": image,
                                         "file": caption_file.name})
-        elif Path(image).suffix.lower() not in IMAGE_EXTS:
+        elif not is_image_name(image):
             report.dropped_rows.append({"line": number, "reason": f"{image!r} is not an image file name",
                                         "file": caption_file.name})
         elif (image, caption) in seen:
@@ -153,13 +172,42 @@ class Split:
         return len(self.images)
 
 
+def read_json_file(path, what: str):
+    """Parsed JSON, or an error naming the file and how to remake it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {what}") from None
+
+
+def check_splits(splits, source) -> dict[str, list[str]]:
+    """The three image lists of a split file, each without repeats, or an error naming the file: every split a list,
+    and no image in two splits (that would leak test images into training)."""
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(s), list) for s in SPLITS):
+        raise ValueError(f"{source} must be a JSON object with lists `train`, `val` and `test` of image file names")
+    split_of = {}
+    for s in SPLITS:
+        for name in splits[s]:
+            if split_of.setdefault(name, s) != s:
+                raise ValueError(f"{source}: image {name} is in both the {split_of[name]} and the {s} split")
+    return {s: list(dict.fromkeys(splits[s])) for s in SPLITS}
+
+
 def split_names(names: list[str], data_dir) -> dict[str, list[str]]:
-    """Image names per split: splits.json if the folder has one, else a fixed seeded shuffle."""
+    """Image names per split: splits.json if the folder has one (images it names that are not usable here are
+    skipped), else a fixed seeded shuffle."""
     split_file = Path(data_dir) / "splits.json"
     if split_file.exists():
-        given = json.loads(split_file.read_text())
+        given = check_splits(read_json_file(split_file, "remake it with `python download.py --prepare DIR "
+                                                        "--split-file FILE`, or delete it for the default split"),
+                             split_file)
         present = set(names)
-        return {s: [n for n in given.get(s, []) if n in present] for s in ("train", "val", "test")}
+        splits = {s: [n for n in given[s] if n in present] for s in SPLITS}
+        for s, members in splits.items():
+            if not members:
+                raise ValueError(f"{split_file}: none of the {len(given[s])} {s} images it names is a usable "
+                                 f"image of {data_dir}")
+        return splits
     order = sorted(names)
     np.random.default_rng(SPLIT_SEED).shuffle(order)
     n_eval = min(EVAL_MAX, max(1, round(EVAL_SHARE * len(order))))
@@ -169,10 +217,12 @@ def split_names(names: list[str], data_dir) -> dict[str, list[str]]:
 
 
 def bad_images_from_report(data_dir) -> set[str]:
+    """Images that `python download.py --prepare` found undecodable; never handed to training."""
     report = Path(data_dir) / "prepare_report.json"
     if not report.exists():
         return set()
-    return {Path(name).name for name in json.loads(report.read_text()).get("bad_images", [])}
+    found = read_json_file(report, f"rerun `python download.py --prepare {data_dir}`")
+    return {Path(name).name for name in found.get("bad_images", [])}
 
 
 class CaptionData:

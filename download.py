@@ -1,38 +1,83 @@
-"""Get a data set into the Flickr30k on-disk layout (`images/` + `results.csv`).
+"""Get a data set into the on-disk format dataset.py reads, verified, with a report of what was wrong with it.
 
-    python download.py --dataset shapes --out data/shapes          # the built-in set, drawn here in seconds
     python download.py                                             # Flickr30k from Kaggle -> data/flickr30k
+    python download.py --dataset flickr8k                          # Flickr8k from Kaggle -> data/flickr8k
+    python download.py --zip ~/Downloads/archive.zip --out data/flickr30k   # a zip you downloaded by hand
+    python download.py --prepare data/mine                         # (re)verify a folder you made yourself
+    python download.py --split-file dataset_flickr30k.json         # Karpathy's split (29,000 / 1,014 / 1,000)
+    python download.py --dataset shapes --out data/shapes          # the built-in set, drawn here in seconds
+
+Running it again is cheap: a prepared, unchanged folder is recognised at once; an interrupted download or
+extraction is continued or redone. Kaggle credentials are looked for only when something must be downloaded (see
+kaggle_auth.py for where). Everything found goes into DIR/prepare_report.json (see prepare.py).
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
+from kaggle_auth import CredentialsError, kaggle_api, resolve_credentials
+from prepare import DATASETS, PrepareError, fetch, prepare
 from shapes import make_shapes
 
 
-def main(argv=None) -> int:
+def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
+    try:
+        width, height = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError:
+        p.error(f"--image-size must look like 128x128, got {args.image_size!r}")
+    if args.num_images < 20:
+        p.error(f"--num-images must be at least 20 (a train, val and test split), got {args.num_images}")
+    make_shapes(out, args.num_images, width, height, args.seed,
+                progress=lambda it: tqdm(it, desc="drawing shapes", unit="img"))
+    print(f"wrote {args.num_images} images and {5 * args.num_images} captions to {out}")
+
+
+def main(argv=None, connect=kaggle_api) -> int:
+    """connect(credentials) -> an authenticated Kaggle API object (tests pass a fake that "downloads" a local zip)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="flickr30k", choices=["flickr30k", "shapes"])
+    p.add_argument("--dataset", choices=[*DATASETS, "shapes"],
+                   help="what to get (default flickr30k; with --prepare, what the folder should hold)")
     p.add_argument("--out", help="target folder (default: data/<dataset>)")
+    p.add_argument("--zip", help="prepare from this zip, downloaded by hand from the Kaggle page (kept)")
+    p.add_argument("--prepare", metavar="DIR", help="only verify DIR (a folder in our format) and rewrite its report")
+    p.add_argument("--split-file", help="Karpathy's dataset_flickr30k.json, or flickr30k_train_karpathy.txt "
+                                        "(with its val/test lists beside it), or a splits.json; default: a seeded "
+                                        "split with 1,000 test images (see README)")
+    p.add_argument("--kaggle-json", help="Kaggle credentials file (else: see kaggle_auth.py for where we look)")
+    p.add_argument("--keep-zip", action="store_true", help="keep the downloaded zip after extracting it")
+    p.add_argument("--workers", type=int, default=0, help="processes that verify images (default: one per CPU)")
     p.add_argument("--num-images", type=int, default=6000, help="shapes: how many pictures")
     p.add_argument("--image-size", default="128x128", help="shapes: WIDTHxHEIGHT of each picture (Flickr: 500x375)")
     p.add_argument("--seed", type=int, default=0, help="shapes: the drawing seed")
     args = p.parse_args(argv)
-    out = args.out or f"data/{args.dataset}"
-    if args.dataset == "shapes":
-        try:
-            width, height = (int(v) for v in args.image_size.lower().split("x"))
-        except ValueError:
-            p.error(f"--image-size must look like 128x128, got {args.image_size!r}")
-        if args.num_images < 20:
-            p.error(f"--num-images must be at least 20 (a train, val and test split), got {args.num_images}")
-        make_shapes(out, args.num_images, width, height, args.seed,
-                    progress=lambda it: tqdm(it, desc="drawing shapes", unit="img"))
-        print(f"wrote {args.num_images} images and {5 * args.num_images} captions to {out}")
+    if args.workers < 0:
+        p.error(f"--workers must not be negative, got {args.workers}")
+    if args.prepare and (args.zip or args.out):
+        p.error("--prepare DIR works on DIR as it is; it takes no --zip or --out")
+    if args.dataset == "shapes" and not args.prepare:
+        make_shapes_set(p, args, args.out or "data/shapes")
         return 0
-    p.error("the Flickr30k download is not wired up yet")
+    spec = DATASETS.get(args.dataset)  # None for shapes and your own data: no expected counts
+
+    def connect_with_credentials():
+        creds = resolve_credentials(args.kaggle_json)
+        print(creds.describe())
+        return connect(creds)
+
+    try:
+        if args.prepare:
+            prepare(args.prepare, spec, args.split_file, args.workers, reverify=True)
+            return 0
+        spec = spec or DATASETS["flickr30k"]
+        out = Path(args.out or f"data/{spec.name}")
+        fetch(spec, out, args.zip, connect_with_credentials, args.keep_zip)
+        prepare(out, spec, args.split_file, args.workers)
+    except (CredentialsError, PrepareError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
 
 
 if __name__ == "__main__":

@@ -50,10 +50,12 @@ def to_square(path, size: int) -> np.ndarray:
 
 
 def check_image(path) -> str | None:
-    """None if the file decodes fully to an image, else why not (truncated, not an image, empty, ...)."""
+    """None if the file decodes exactly as training will decode it (`load_rgb`), else why not: empty, truncated, not
+    an image, too small. Run at prepare time so that no broken file is ever met mid-epoch."""
     try:
-        with Image.open(path) as img:
-            img.load()
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with load_rgb(path) as img:
             if img.width < 2 or img.height < 2:
                 return f"too small ({img.width}x{img.height})"
         return None

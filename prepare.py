@@ -1,0 +1,378 @@
+"""From a Kaggle zip (downloaded, or given) to a verified data folder in the format dataset.py reads.
+
+A prepared folder holds the caption file exactly as Kaggle ships it (dataset.py repairs it in memory), one image
+folder `images/`, `prepare_report.json` (counts, repaired / dropped / duplicate caption rows with line numbers, images
+that cannot be decoded) and, with --split-file, `splits.json`. Every step can be interrupted and rerun:
+  download  kaggle resumes a partial zip; a zip without its central directory (written last) is fetched again
+  extract   one copy of the captions and images (Kaggle's Flickr30k zip nests a redundant second copy) goes to a
+            staging folder, then is moved into place; a staging folder left behind means "extract again"
+  verify    every image is decoded in parallel exactly as training decodes it; the report is written last, with a
+            fingerprint of the files, so an unchanged folder is recognised in a moment next time
+"""
+
+import os
+import re
+import shutil
+import zipfile
+import zlib
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from dataset import (CAPTION_FILES, IMAGE_DIRS, IMAGE_EXTS, SPLITS, check_splits, find_layout, read_captions,
+                     read_json_file, split_names)
+from images import check_image, fingerprint
+from utils import write_json
+
+REPORT = "prepare_report.json"
+STAGING = ".extracting"
+
+
+class PrepareError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    slug: str  # Kaggle owner/dataset
+    caption_file: str  # its name in the zip, kept in the prepared folder
+    images: int  # expected counts: a mismatch means a changed upload or a broken file (a warning, not an error)
+    captions: int
+
+    @property
+    def url(self) -> str:
+        return f"https://www.kaggle.com/datasets/{self.slug}"
+
+    @property
+    def zip_name(self) -> str:  # what the kaggle client names the download
+        return self.slug.split("/")[1] + ".zip"
+
+
+DATASETS = {
+    "flickr30k": DatasetSpec("flickr30k", "hsankesara/flickr-image-dataset", "results.csv", 31_783, 158_915),
+    "flickr8k": DatasetSpec("flickr8k", "adityajn105/flickr8k", "captions.txt", 8_091, 40_455),
+}
+
+
+# --- download and extract ---
+
+def zip_is_complete(path) -> bool:
+    """Whether `path` is a readable zip: its central directory comes last, so a download cut short fails this."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return bool(zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def download_zip(spec: DatasetSpec, out: Path, connect) -> Path:
+    """OUT/<name>.zip from Kaggle unless a complete one is there; `connect()` gives an object with kaggle's
+    `dataset_download_files` (tests pass a fake), and is called only when something must be downloaded."""
+    path = out / spec.zip_name
+    if zip_is_complete(path):
+        print(f"{path} is already downloaded")
+        return path
+    if path.exists():
+        print(f"{path} is incomplete ({path.stat().st_size / 1e9:.2f} GB); continuing the download")
+    print(f"downloading {spec.slug} from Kaggle ({spec.url})")
+    api = connect()
+    for force in (False, True):  # kaggle resumes a partial file; if that still is no whole zip, start over
+        try:
+            api.dataset_download_files(spec.slug, path=str(out), force=force, quiet=False, unzip=False)
+        except Exception as e:  # the client raises its own and requests' exception types
+            raise PrepareError(f"could not download {spec.slug} from Kaggle: {type(e).__name__}: {e}\n"
+                               f"Check your connection and that you can open {spec.url} while logged in; or "
+                               f"download the zip there by hand and run `python download.py --dataset {spec.name} "
+                               f"--zip PATH --out {out}`") from None
+        if zip_is_complete(path):
+            return path
+        print(f"{path} is not a complete zip after downloading; downloading it again from the start")
+    raise PrepareError(f"{path} is still not a complete zip after downloading it twice; download it by hand from "
+                       f"{spec.url} and run `python download.py --dataset {spec.name} --zip PATH --out {out}`")
+
+
+def depth(name: str) -> int:
+    return len(PurePosixPath(name).parts)
+
+
+def locate(names: list[str], spec: DatasetSpec, source) -> tuple[str, list[str], list[str]]:
+    """(caption file, its images, skipped image folders) in a zip's listing: the shallowest caption file, and the
+    folder with the most images (the shallowest among equals). Kaggle's Flickr30k zip holds a redundant nested copy
+    of both; one is kept."""
+    names = [n for n in names if not n.startswith("__MACOSX/") and not PurePosixPath(n).name.startswith("._")]
+    captions = sorted((n for n in names if PurePosixPath(n).name == spec.caption_file), key=depth)
+    images = [n for n in names if PurePosixPath(n).suffix.lower() in IMAGE_EXTS]
+    folders = Counter(str(PurePosixPath(n).parent) for n in images)
+    if not captions or not folders:
+        others = sorted({PurePosixPath(n).name for n in names} & set(CAPTION_FILES))
+        hint = f" It holds {others}: is it another data set (--dataset)?" if others else ""
+        raise PrepareError(f"{source} holds no {spec.caption_file} or no images, so it is not Kaggle's "
+                           f"{spec.name} zip ({spec.url}).{hint} First entries: {names[:5]}")
+    folder = min(folders, key=lambda f: (-folders[f], depth(f)))
+    return captions[0], [n for n in images if str(PurePosixPath(n).parent) == folder], sorted(set(folders) - {folder})
+
+
+def extract_member(zf: zipfile.ZipFile, name: str, target: Path) -> None:
+    with zf.open(name) as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)  # the zip checks each member's CRC as it is read to the end
+
+
+def is_extracted(out: Path) -> bool:
+    """A caption file and an image folder, and no staging folder left by an interrupted extraction."""
+    try:
+        find_layout(out)
+    except FileNotFoundError:
+        return False
+    return not (out / STAGING).exists()
+
+
+def extract(zip_path: Path, out: Path, spec: DatasetSpec) -> None:
+    """One copy of the caption file (byte for byte) and the images from the zip into OUT/ and OUT/images/."""
+    staging, targets = out / STAGING, [out / "images", out / spec.caption_file]
+    if staging.exists():
+        print(f"{out}: an earlier extraction was interrupted; extracting again")
+        shutil.rmtree(staging)
+        for path in targets:  # already moved out of the staging folder by that extraction
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    elif any(path.exists() for path in targets):
+        raise PrepareError(f"{out} already holds {[p.name for p in targets if p.exists()]} but no complete data "
+                           f"set; move them away or choose another --out")
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            caption, images, skipped = locate(zf.namelist(), spec, zip_path)
+            need, free = sum(zf.getinfo(n).file_size for n in [caption, *images]), shutil.disk_usage(out).free
+            if need > free:
+                raise PrepareError(f"extracting {zip_path} needs {need / 1e9:.1f} GB in {out}, but only "
+                                   f"{free / 1e9:.1f} GB are free; free some space or choose another --out")
+            (staging / "images").mkdir(parents=True)
+            extract_member(zf, caption, staging / spec.caption_file)
+            for name in tqdm(images, desc=f"extracting {zip_path.name}", unit="img"):
+                extract_member(zf, name, staging / "images" / PurePosixPath(name).name)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad CRC, bad compressed data, a short member
+        raise PrepareError(f"{zip_path} is damaged ({e}); delete it and download it again") from None
+    for path in targets:
+        os.replace(staging / path.name, path)
+    staging.rmdir()  # last: while the staging folder exists, the extraction counts as unfinished
+    print(f"extracted {caption} and {len(images):,} images from {PurePosixPath(images[0]).parent}/"
+          + (f"; skipped the redundant copies in {skipped}" if skipped else ""))
+
+
+def same_images(a: Path, b: Path) -> bool:
+    """Whether folder b holds exactly a's images, by name and size (a redundant copy)."""
+    def listing(folder):
+        return sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+    return listing(a) == listing(b)
+
+
+def adopt_unzipped(out: Path, spec: DatasetSpec) -> bool:
+    """If OUT holds the zip unzipped by hand (Kaggle's nested layout), move one copy of the caption file and the
+    image folder into place and delete the redundant copies, once checked to be copies. False if it does not."""
+    if (out / STAGING).exists():
+        return False
+    try:
+        caption, images, skipped = locate([str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()], spec, out)
+    except PrepareError:
+        return False
+    folder, kept = out / PurePosixPath(images[0]).parent, out / "images"
+    if folder.name not in IMAGE_DIRS:  # not a Kaggle layout: move nothing
+        return False
+    deleted = [other for other in skipped
+               if not folder.is_relative_to(out / other) and same_images(folder, out / other)]
+    for other in deleted:
+        shutil.rmtree(out / other)
+    for other in out.rglob(spec.caption_file):
+        if other != out / caption and other.read_bytes() == (out / caption).read_bytes():
+            other.unlink()
+    os.replace(out / caption, out / spec.caption_file)
+    if folder != kept:
+        os.replace(folder, kept)
+    for empty in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(empty.iterdir()):
+            empty.rmdir()
+    print(f"{out}: moved {caption} and {folder.relative_to(out)}/ ({len(images):,} images) into place"
+          + (f"; deleted the redundant copies in {deleted}" if deleted else "")
+          + (f"; kept {sorted(set(skipped) - set(deleted))}, which are not exact copies" if skipped != deleted else ""))
+    return True
+
+
+def fetch(spec: DatasetSpec, out: Path, zip_path=None, connect=None, keep_zip: bool = False) -> None:
+    """Make OUT a data folder of `spec`: from `zip_path` if given (never deleted), else from the zip unzipped by
+    hand in OUT, else from Kaggle (the download is deleted after a successful extraction unless keep_zip). Does
+    nothing when OUT already holds the data."""
+    out.mkdir(parents=True, exist_ok=True)
+    if is_extracted(out) or (zip_path is None and adopt_unzipped(out, spec)):
+        return
+    if zip_path is not None and not Path(zip_path).is_file():
+        raise PrepareError(f"--zip {zip_path}: no such file")
+    if zip_path is not None and not zip_is_complete(zip_path):
+        raise PrepareError(f"--zip {zip_path} is not a complete zip file; download it again from {spec.url}")
+    downloaded = zip_path is None
+    zip_path = Path(zip_path) if zip_path else download_zip(spec, out, connect)
+    extract(zip_path, out, spec)
+    if downloaded and not keep_zip:
+        zip_path.unlink()
+        print(f"deleted {zip_path} (pass --keep-zip to keep it)")
+
+
+# --- splits ---
+
+def read_name_list(path: Path) -> list[str]:
+    """Image names from a split list: one per line, first field (`name.jpg,caption`, `name.jpg#0 caption`, or a
+    bare Flickr id, which gets `.jpg`); a header line and repeats are skipped."""
+    names = []
+    for line in path.read_text().splitlines():
+        first = re.split(r"[,\s#]", line.strip(), maxsplit=1)[0]
+        if Path(first).suffix.lower() in IMAGE_EXTS:
+            names.append(first)
+        elif first.isdigit():
+            names.append(first + ".jpg")
+    if not names:
+        raise PrepareError(f"--split-file: {path} lists no image names")
+    return list(dict.fromkeys(names))
+
+
+def read_split_file(path) -> dict[str, list[str]]:
+    """{"train", "val", "test": image names} from Karpathy's dataset_flickr30k.json ("restval" counts as train), a
+    splits.json of ours, or the three flickr30k_{train,val,test}_karpathy.txt lists (name one; the other two are
+    found beside it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrepareError(f"--split-file {path}: no such file")
+    if path.suffix == ".json":
+        data = read_json_file(path, "pass Karpathy's dataset_flickr30k.json or a {\"train\": [...], ...} file")
+        if isinstance(data, dict) and isinstance(data.get("images"), list):
+            splits = {s: [] for s in SPLITS}
+            for image in data["images"]:
+                split = {"restval": "train"}.get(image.get("split"), image.get("split"))
+                if split in splits:
+                    splits[split].append(image["filename"])
+            data = splits
+        return check_splits(data, path)
+    m = re.search(r"(?<![a-z])(train|val|test)(?![a-z])", path.name)
+    if not m:
+        raise PrepareError(f"--split-file {path}: expected a .json file or a list named like "
+                           f"flickr30k_train_karpathy.txt (with its val and test siblings beside it)")
+    files = {s: path.with_name(path.name[:m.start()] + s + path.name[m.end():]) for s in SPLITS}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise PrepareError(f"--split-file {path}: the other split lists are missing: {missing}")
+    return check_splits({s: read_name_list(f) for s, f in files.items()}, path)
+
+
+# --- verify and report ---
+
+def find_bad_images(paths: list[Path], workers: int) -> dict[str, str]:
+    """{file name: why} for every image that does not decode as training decodes it; decoding costs ~3 ms per image
+    per core, so it runs in `workers` processes."""
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    results = pool.map(check_image, paths, chunksize=64) if pool else map(check_image, paths)
+    try:
+        results = tqdm(results, total=len(paths), desc="verifying images", unit="img")
+        return {p.name: why for p, why in zip(paths, results, strict=True) if why}
+    finally:
+        if pool:
+            pool.shutdown()
+
+
+def count_mismatches(spec: DatasetSpec | None, image_files: int, caption_rows: int) -> list[str]:
+    if spec is None:
+        return []
+    found = {"images": (image_files, spec.images), "captions": (caption_rows, spec.captions)}
+    return [f"expected {want:,} {what} for {spec.name} ({spec.url}), found {got:,}"
+            for what, (got, want) in found.items() if got != want]
+
+
+def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Path], bad: dict[str, str]) -> dict:
+    """What the folder holds and what was wrong with it: the contents of prepare_report.json."""
+    caption_file, image_dir = find_layout(data_dir)
+    rows, parsed = read_captions(data_dir)
+    on_disk = {p.name for p in image_files}
+    captions = Counter()
+    for line, image, _ in rows:
+        if image not in on_disk:
+            parsed.dropped_rows.append({"line": line, "reason": f"no image {image} in {image_dir.name}/",
+                                        "file": caption_file.name})
+        elif image not in bad:
+            captions[image] += 1
+    caption_rows = len(rows) + len(parsed.duplicate_rows)
+    warnings = count_mismatches(spec, len(image_files), caption_rows)
+    try:
+        members = split_names(sorted(captions), data_dir)
+        splits = {s: len(members[s]) for s in SPLITS}
+    except ValueError as e:
+        splits, warnings = None, warnings + [f"no usable split: {e}"]
+    return {
+        "dataset": spec.name if spec else None,
+        "caption_file": caption_file.name, "image_dir": image_dir.name,
+        "images": len(captions), "captions": sum(captions.values()),  # usable: decodable, captioned, on disk
+        "image_files": len(image_files), "caption_rows": caption_rows,  # found
+        "warnings": warnings,
+        "repaired_rows": parsed.repaired_rows, "dropped_rows": parsed.dropped_rows,
+        "duplicate_rows": parsed.duplicate_rows,
+        "bad_images": sorted(bad), "bad_image_reasons": bad,
+        "images_without_captions": sorted(on_disk - {image for _, image, _ in rows} - set(bad)),
+        "splits": splits,
+        "split_rule": "splits.json" if (data_dir / "splits.json").exists() else
+        "default: seeded shuffle of the usable images, 5% (at most 1,000) each for test and val",
+    }
+
+
+def summarize(data_dir: Path, report: dict) -> None:
+    rows = {k: len(report[k]) for k in ("repaired_rows", "dropped_rows", "duplicate_rows")}
+    print(f"{data_dir}: {report['images']:,} usable images with {report['captions']:,} captions; caption file: "
+          f"{rows['repaired_rows']} repaired, {rows['dropped_rows']} dropped, {rows['duplicate_rows']} duplicate "
+          f"rows; {len(report['images_without_captions'])} images without captions")
+    if report["bad_images"]:
+        print(f"excluded {len(report['bad_images'])} images that cannot be decoded, e.g. "
+              f"{report['bad_images'][:3]} (all in {REPORT}, `bad_images`)")
+    if report["splits"]:
+        print(f"splits ({report['split_rule']}): " + " / ".join(f"{n:,} {s}" for s, n in report["splits"].items()))
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}")
+
+
+def read_old_report(data_dir: Path) -> dict:
+    try:
+        old = read_json_file(data_dir / REPORT, "") if (data_dir / REPORT).exists() else {}
+    except ValueError:
+        old = {}  # unreadable: it is simply made again
+    return old if isinstance(old, dict) else {}
+
+
+def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers: int = 0,
+            reverify: bool = False) -> dict:
+    """Verify a data folder and write DATA/prepare_report.json (and DATA/splits.json from `split_file`).
+
+    Images are decoded again only if they changed since the last report (or `reverify`); a folder unchanged in
+    every file since its report is left as it is. workers: processes for decoding (0 = one per CPU)."""
+    data_dir = Path(data_dir)
+    caption_file, image_dir = find_layout(data_dir)
+    if split_file:
+        write_json(data_dir / "splits.json", read_split_file(split_file))
+    image_files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    images_stamp = fingerprint(image_files)
+    splits_file = [data_dir / "splits.json"] if (data_dir / "splits.json").exists() else []
+    stamp = fingerprint([caption_file, *image_files, *splits_file])
+    old = read_old_report(data_dir)
+    spec = spec or DATASETS.get(old.get("dataset"))  # --prepare on a folder that download.py made
+    if old.get("fingerprint") == stamp and not reverify:
+        print(f"{data_dir} is already prepared and unchanged since its {REPORT}")
+        summarize(data_dir, old)
+        return old
+    if old.get("images_fingerprint") == images_stamp and not reverify:
+        bad = old.get("bad_image_reasons", {})
+    else:
+        bad = find_bad_images(image_files, workers or os.cpu_count() or 1)
+    report = {**build_report(data_dir, spec, image_files, bad),
+              "fingerprint": stamp, "images_fingerprint": images_stamp}
+    write_json(data_dir / REPORT, report)
+    summarize(data_dir, report)
+    return report

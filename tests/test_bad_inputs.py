@@ -1,0 +1,202 @@
+"""Broken and odd inputs, one kind per test: images that are converted or excluded at prepare time, caption rows
+that are repaired or reported with their line numbers, split files that are refused with the file named."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import download
+from dataset import CaptionData, read_captions, split_names
+from images import check_image, load_rgb
+from prepare import prepare
+
+RED, BLUE = (230, 20, 20), (20, 20, 230)
+
+
+def save(path, img: Image.Image, fmt: str = "JPEG", **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, **kw)
+    return path
+
+
+def noise(size=(48, 32), seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def jpeg_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+# --- images that cannot be decoded: a reason, never an exception ---
+
+def test_corrupt_image(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"garbage" * 50)
+    assert "cannot identify image file" in check_image(tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 50)  # a JPEG header, then nonsense
+    assert check_image(tmp_path / "b.jpg").startswith("OSError")
+
+
+def test_truncated_image(tmp_path):
+    data = jpeg_bytes(noise())
+    (tmp_path / "a.jpg").write_bytes(data[:len(data) // 2])
+    assert check_image(tmp_path / "a.jpg").startswith("OSError")
+
+
+def test_zero_byte_image(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    assert check_image(tmp_path / "a.jpg") == "empty file (0 bytes)"
+
+
+def test_one_pixel_image(tmp_path):
+    assert check_image(save(tmp_path / "a.jpg", Image.new("RGB", (1, 1)))) == "too small (1x1)"
+
+
+# --- images that are converted to RGB as they are loaded ---
+
+def test_grayscale_image(tmp_path):
+    path = save(tmp_path / "a.jpg", Image.new("L", (16, 16), 90))
+    img = load_rgb(path)
+    assert check_image(path) is None and img.mode == "RGB"
+    assert np.abs(np.asarray(img).astype(int) - 90).max() <= 2
+
+
+def test_cmyk_image(tmp_path):
+    path = save(tmp_path / "a.jpg", Image.new("CMYK", (16, 16), (0, 255, 255, 0)))  # pure red in CMYK
+    r, g, b = np.asarray(load_rgb(path)).reshape(-1, 3).mean(0)
+    assert check_image(path) is None and r > 200 and g < 60 and b < 60
+
+
+def test_png_named_jpg(tmp_path):
+    img = noise(seed=1)
+    path = save(tmp_path / "a.jpg", img, "PNG")
+    assert check_image(path) is None and np.array_equal(np.asarray(load_rgb(path)), np.asarray(img))
+
+
+def test_exif_rotated_image(tmp_path):
+    stored = Image.new("RGB", (40, 20), RED)
+    stored.paste(BLUE, (20, 0, 40, 20))  # stored: red left half, blue right half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = save(tmp_path / "a.jpg", stored, exif=exif.tobytes(), quality=95)
+    shown = np.asarray(load_rgb(path)).astype(int)
+    assert check_image(path) is None and shown.shape == (40, 20, 3)  # portrait now
+    assert np.abs(shown[5, 10] - RED).max() < 30 and np.abs(shown[35, 10] - BLUE).max() < 30  # red on top
+
+
+def test_prepare_excludes_broken_images_and_keeps_convertible_ones(tmp_path, capsys):
+    images = tmp_path / "data" / "images"
+    good = [save(images / f"{i}.jpg", noise(seed=i)).name for i in range(12)]
+    convertible = [save(images / "gray.jpg", Image.new("L", (16, 16), 9)).name,
+                   save(images / "cmyk.jpg", Image.new("CMYK", (16, 16), (9, 9, 9, 9))).name,
+                   save(images / "png.jpg", noise(seed=99), "PNG").name]
+    (images / "corrupt.jpg").write_bytes(b"not an image")
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "truncated.jpg").write_bytes(jpeg_bytes(noise(seed=5))[:300])
+    names = good + convertible + ["corrupt.jpg", "empty.jpg", "truncated.jpg"]
+    (tmp_path / "data" / "results.csv").write_text(
+        "image_name| comment_number| comment\n" + "".join(f"{n}| 0| picture {n}\n" for n in names))
+    assert download.main(["--prepare", str(tmp_path / "data"), "--workers", "2"]) == 0
+    report = json.loads((tmp_path / "data" / "prepare_report.json").read_text())
+    assert report["bad_images"] == ["corrupt.jpg", "empty.jpg", "truncated.jpg"]
+    assert report["bad_image_reasons"]["empty.jpg"] == "empty file (0 bytes)"
+    assert "excluded 3 images that cannot be decoded" in capsys.readouterr().out
+    # training never meets them, even when it decodes JPEGs on the fly
+    data = CaptionData(tmp_path / "data", verbose=False)
+    assert data.names == sorted(good + convertible)
+    data.open_images(24, mode="off")
+    assert data.source.get(np.arange(len(data.names))).shape == (len(data.names), 24, 24, 3)
+
+
+# --- caption rows ---
+
+def caption_folder(tmp_path, name: str, content: bytes, images=()):
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    for image in images:
+        save(folder / "images" / image, noise(size=(8, 8)))
+    (folder / name).write_bytes(content)
+    return folder
+
+
+HEADER = b"image_name| comment_number| comment\n"
+
+
+def test_missing_delimiters_are_repaired(tmp_path):
+    folder = caption_folder(tmp_path, "results.csv", HEADER + b"a.jpg| 0| A cat .\n"
+                            b"a.jpg| 4   A dog runs .\n"  # line 3: second '|' missing (the real file has one)
+                            b"a.jpg 3| A bird sings .\n"  # line 4: first '|' missing
+                            b"a.jpg| A fish\n")  # line 5: no comment number either: not repairable
+    rows, report = read_captions(folder)
+    assert [(line, caption) for line, _, caption in rows] == [(2, "A cat ."), (3, "A dog runs ."),
+                                                              (4, "A bird sings .")]
+    assert [r["line"] for r in report.repaired_rows] == [3, 4]
+    assert [r["line"] for r in report.dropped_rows] == [5]
+
+
+def test_missing_comma_is_repaired(tmp_path):
+    folder = caption_folder(tmp_path, "captions.csv", b"image,caption\na.jpg,A cat\na.jpg A cow eats grass\n")
+    rows, report = read_captions(folder)
+    assert rows[1] == (3, "a.jpg", "A cow eats grass") and report.repaired_rows[0]["line"] == 3
+
+
+def test_empty_caption_is_dropped_with_its_line(tmp_path):
+    folder = caption_folder(tmp_path, "results.csv", HEADER + b"a.jpg| 0| A cat .\na.jpg| 1|   \n")
+    rows, report = read_captions(folder)
+    assert len(rows) == 1 and report.dropped_rows == [{"line": 3, "reason": "empty caption", "text": "a.jpg",
+                                                       "file": "results.csv"}]
+
+
+def test_non_utf8_line_is_decoded_and_reported(tmp_path):
+    folder = caption_folder(tmp_path, "results.csv", HEADER + "a.jpg| 0| A café .\n".encode()
+                            + "a.jpg| 1| A crêpe stand .\n".encode("cp1252"))
+    rows, report = read_captions(folder)
+    assert rows[1][2] == "A crêpe stand ."
+    assert [(r["line"], r["fix"]) for r in report.repaired_rows] == [(3, "not UTF-8, decoded as Windows-1252")]
+
+
+def test_results_csv_without_header_keeps_its_first_row(tmp_path):
+    rows, _ = read_captions(caption_folder(tmp_path, "results.csv", b"a.jpg| 0| A cat .\na.jpg| 1| A dog .\n"))
+    assert [line for line, _, _ in rows] == [1, 2]
+
+
+def test_csv_columns_commas_and_stray_quotes(tmp_path):
+    folder = caption_folder(tmp_path, "captions.csv", b"caption,image,source\n"
+                            b"A man, a plan,a.jpg,web\n"  # unquoted comma in the caption
+                            b'"A ""quoted"" word",b.jpg,web\n'
+                            b'"A stray quote,c.jpg,web\n'  # must not swallow the next line
+                            b"A dog,d.jpg,web\n")
+    rows, report = read_captions(folder)
+    assert rows == [(2, "a.jpg", "A man, a plan"), (3, "b.jpg", 'A "quoted" word'), (5, "d.jpg", "A dog")]
+    assert [r["line"] for r in report.dropped_rows] == [4]
+
+
+def test_captions_for_missing_images_and_images_without_captions_are_reported(tmp_path):
+    names = [f"{i}.jpg" for i in range(8)]
+    folder = caption_folder(tmp_path, "results.csv", HEADER + "".join(
+        f"{n}| 0| picture {n}\n" for n in [*names[:-1], "ghost.jpg"]).encode(), images=names)
+    report = prepare(folder, workers=1)
+    assert report["dropped_rows"] == [{"line": 9, "reason": "no image ghost.jpg in images/", "file": "results.csv"}]
+    assert report["images_without_captions"] == ["7.jpg"] and report["images"] == 7
+
+
+# --- split files ---
+
+def test_split_file_with_an_image_in_two_splits_is_refused(tmp_path):
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a.jpg", "b.jpg"], "val": ["c.jpg"],
+                                                      "test": ["a.jpg"]}))
+    with pytest.raises(ValueError, match="splits.json: image a.jpg is in both the train and the test split"):
+        split_names(["a.jpg", "b.jpg", "c.jpg"], tmp_path)
+
+
+def test_unreadable_split_file_names_itself(tmp_path):
+    (tmp_path / "splits.json").write_text("{not json")
+    with pytest.raises(ValueError, match="splits.json is not valid JSON.*--split-file"):
+        split_names(["a.jpg"], tmp_path)
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a.jpg"], "val": ["x.jpg"], "test": ["b.jpg"]}))
+    with pytest.raises(ValueError, match="none of the 1 val images it names is a usable image"):
+        split_names(["a.jpg", "b.jpg"], tmp_path)

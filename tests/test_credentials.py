@@ -1,0 +1,132 @@
+"""Where Kaggle credentials come from, in which order, and that the key is never shown."""
+
+import io
+import json
+import os
+import stat
+import sys
+
+import pytest
+
+import download
+import kaggle_auth
+from kaggle_auth import CredentialsError, resolve_credentials
+
+KEY = "0123abcd4567ef89secretkaggle"
+
+
+@pytest.fixture(autouse=True)
+def clean(tmp_path, monkeypatch):
+    """An empty HOME and repo folder, no Kaggle variables, no terminal."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ["KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR", "KAGGLE_API_TOKEN", "XDG_CONFIG_HOME"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(kaggle_auth, "REPO_DIR", tmp_path / "repo")
+    monkeypatch.setattr(sys, "stdin", io.StringIO())
+    (tmp_path / "repo").mkdir()
+
+
+def kaggle_json(path, username: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"username": username, "key": KEY}))
+    path.chmod(0o600)
+    return path
+
+
+def test_resolution_order(tmp_path, monkeypatch, capsys):
+    """Every source present; removing the winner each time walks down the documented order."""
+    home = tmp_path / "home"
+    flag = kaggle_json(tmp_path / "given.json", "from-flag")
+    repo = kaggle_json(tmp_path / "repo" / "kaggle.json", "from-repo")
+    monkeypatch.setenv("KAGGLE_USERNAME", "from-env")
+    monkeypatch.setenv("KAGGLE_KEY", KEY)
+    config_dir = kaggle_json(tmp_path / "config" / "kaggle.json", "from-config-dir")
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(config_dir.parent))
+    dot_kaggle = kaggle_json(home / ".kaggle" / "kaggle.json", "from-home")
+    (home / ".kaggle" / "access_token").write_text(KEY + "\n")
+
+    assert resolve_credentials(kaggle_json=flag).username == "from-flag"
+    assert resolve_credentials().username == "from-repo"
+    repo.unlink()
+    creds = resolve_credentials()
+    assert creds.username == "from-env" and creds.key == KEY and "KAGGLE_USERNAME" in creds.source
+    monkeypatch.delenv("KAGGLE_KEY")
+    assert resolve_credentials().username == "from-config-dir"
+    monkeypatch.delenv("KAGGLE_CONFIG_DIR")
+    assert resolve_credentials().username == "from-home"
+    dot_kaggle.unlink()
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "token-from-env")
+    assert resolve_credentials().token == "token-from-env"
+    monkeypatch.delenv("KAGGLE_API_TOKEN")
+    creds = resolve_credentials()
+    assert (creds.token, creds.key, creds.source) == (KEY, "", f"the API token in {home / '.kaggle' / 'access_token'}")
+    (home / ".kaggle" / "access_token").unlink()
+    with pytest.raises(CredentialsError):
+        resolve_credentials()
+    assert KEY not in repr(creds) and KEY not in creds.describe() and KEY not in capsys.readouterr().out
+
+
+def test_typed_credentials_are_saved_with_mode_0600_and_the_key_is_never_shown(tmp_path, capsys):
+    answers = iter(["alice", "y"])
+    secrets = []
+
+    def ask_secret(prompt):  # getpass: the key is read without echo
+        secrets.append(prompt)
+        return KEY
+
+    creds = resolve_credentials(interactive=True, ask=lambda prompt: next(answers), ask_secret=ask_secret)
+    saved = tmp_path / "home" / ".kaggle" / "kaggle.json"
+    assert (creds.username, creds.key, creds.source) == ("alice", KEY, "typed at the terminal")
+    assert secrets and stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert json.loads(saved.read_text()) == {"username": "alice", "key": KEY}
+    out = capsys.readouterr().out
+    assert "mode 0600" in out and KEY not in out
+    # next time they are found without asking
+    assert resolve_credentials(interactive=False).source == str(saved)
+
+
+def test_typed_credentials_can_stay_unsaved(tmp_path):
+    answers = iter(["alice", "n"])
+    creds = resolve_credentials(interactive=True, ask=lambda prompt: next(answers), ask_secret=lambda p: KEY)
+    assert creds.key == KEY and not (tmp_path / "home" / ".kaggle" / "kaggle.json").exists()
+
+
+def test_no_terminal_and_no_credentials_is_one_clear_error(tmp_path):
+    with pytest.raises(CredentialsError) as e:
+        resolve_credentials()
+    message = str(e.value)
+    for option in ["--kaggle-json", str(tmp_path / "repo"), "KAGGLE_USERNAME", "~/.kaggle/kaggle.json",
+                   "KAGGLE_CONFIG_DIR", "access_token", "terminal", "--zip"]:
+        assert option in message
+    # download.py turns it into an exit message, before anything is downloaded
+    with pytest.raises(SystemExit) as e:
+        download.main(["--out", str(tmp_path / "d")], connect=lambda creds: pytest.fail("connected"))
+    assert "no Kaggle credentials found" in str(e.value.code)
+
+
+def test_bad_kaggle_json_names_the_file(tmp_path):
+    (tmp_path / "bad.json").write_text('{"username": "alice"}')
+    with pytest.raises(CredentialsError, match="bad.json is not a kaggle.json"):
+        resolve_credentials(kaggle_json=tmp_path / "bad.json")
+    with pytest.raises(CredentialsError, match="--kaggle-json .*missing.json: no such file"):
+        resolve_credentials(kaggle_json=tmp_path / "missing.json")
+
+
+def test_world_readable_kaggle_json_is_pointed_out(tmp_path, capsys):
+    path = kaggle_json(tmp_path / "repo" / "kaggle.json", "alice")
+    path.chmod(0o644)
+    resolve_credentials()
+    assert f"chmod 600 {path}" in capsys.readouterr().out
+
+
+def test_kaggle_import_failure_becomes_a_clear_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", None)  # as if kaggle (or six) were missing
+    with pytest.raises(CredentialsError, match="kaggle package cannot be imported.*pip install"):
+        kaggle_auth.kaggle_api(kaggle_auth.Credentials("test", "alice", KEY))
+
+
+def test_kaggle_api_authenticates_with_the_chosen_key_and_leaves_no_trace_in_the_environment(capsys):
+    api = kaggle_auth.kaggle_api(kaggle_auth.Credentials("test", "alice", KEY))  # a key authenticates offline
+    assert api.config_values["username"] == "alice" and api.config_values["key"] == KEY
+    assert "KAGGLE_KEY" not in os.environ and "KAGGLE_USERNAME" not in os.environ
+    assert KEY not in capsys.readouterr().out

@@ -1,0 +1,357 @@
+"""download.py end to end against a fake Kaggle API that "downloads" a zip built here in the real layouts."""
+
+import dataclasses
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import download
+import prepare
+import train
+from conftest import TINY
+from dataset import CaptionData
+from shapes import make_shapes
+
+SLUG = "hsankesara/flickr-image-dataset"
+KEY = "f3e9c1d2b4a65877kagglekey0042"
+N_GOOD = 40  # decodable images, among them one grayscale and one CMYK JPEG
+CORRUPT = "1000000040.jpg"
+MALFORMED = "2199200615.jpg| 4   A dog runs across the grass ."  # as in the real results.csv
+
+
+def jpeg(colour, mode: str = "RGB", size=(32, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def flickr30k_files() -> tuple[dict[str, bytes], bytes, dict]:
+    """Images, results.csv bytes, and the line numbers of the rows that need attention."""
+    images = {f"{1000000000 + i}.jpg": jpeg((6 * i, 255 - 6 * i, (37 * i) % 256)) for i in range(N_GOOD - 2)}
+    images["2199200615.jpg"] = jpeg(90, mode="L")
+    images["1000000039.jpg"] = jpeg((0, 255, 255, 0), mode="CMYK")
+    images[CORRUPT] = b"\xff\xd8\xff\xe0 this is not really a JPEG" * 20
+    lines = ["image_name| comment_number| comment"]
+    for name in images:
+        for j in range(5):
+            lines.append(f"{name}| {j}| picture {name[:-4]} caption number {j} .")
+    malformed = lines.index("2199200615.jpg| 4| picture 2199200615 caption number 4 .")
+    lines[malformed] = MALFORMED
+    lines.append(lines[7])  # a duplicate row
+    rows = {"malformed": malformed + 1, "duplicate": len(lines), "original": 8}
+    return images, ("\n".join(lines) + "\n").encode(), rows
+
+
+def kaggle_flickr30k_zip(path: Path) -> Path:
+    """Kaggle's layout: flickr30k_images/{results.csv, flickr30k_images/}, plus a redundant nested copy of both."""
+    images, results, _ = flickr30k_files()
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for top in ["flickr30k_images", "flickr30k_images/flickr30k_images"]:
+            zf.writestr(f"{top}/results.csv", results)
+            for name, data in images.items():
+                zf.writestr(f"{top}/flickr30k_images/{name}", data)
+    return path
+
+
+class FakeKaggle:
+    """Kaggle's dataset_download_files: writes <dataset>.zip into `path`; the first `broken` calls write half of it."""
+
+    def __init__(self, zip_file: Path, broken: int = 0):
+        self.data, self.broken, self.calls = zip_file.read_bytes(), broken, []
+
+    def dataset_download_files(self, dataset, path=None, force=False, quiet=True, unzip=False):
+        self.calls.append((dataset, force))
+        data = self.data[:len(self.data) // 2] if len(self.calls) <= self.broken else self.data
+        (Path(path) / (dataset.split("/")[1] + ".zip")).write_bytes(data)
+
+
+@pytest.fixture(autouse=True)
+def no_real_credentials(tmp_path, monkeypatch):
+    """A HOME without Kaggle files, no Kaggle variables, no terminal, no kaggle.json in the repo folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ["KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR", "KAGGLE_API_TOKEN", "XDG_CONFIG_HOME"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO())
+    monkeypatch.setattr("kaggle_auth.REPO_DIR", tmp_path / "repo")
+
+
+@pytest.fixture
+def kaggle_zip(tmp_path) -> Path:
+    return kaggle_flickr30k_zip(tmp_path / "built.zip")
+
+
+@pytest.fixture
+def with_key(monkeypatch):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", KEY)
+
+
+def run(argv, fake: FakeKaggle | None = None, seen: list | None = None) -> int:
+    def connect(creds):
+        if fake is None:
+            raise AssertionError("nothing should have been downloaded")
+        if seen is not None:
+            seen.append(creds)
+        return fake
+
+    return download.main(argv, connect=connect)
+
+
+def report_of(folder: Path) -> dict:
+    return json.loads((folder / "prepare_report.json").read_text())
+
+
+def test_download_prepares_flickr30k(tmp_path, kaggle_zip, with_key, capsys):
+    out, fake, seen = tmp_path / "flickr30k", FakeKaggle(kaggle_zip), []
+    assert run(["--out", str(out), "--workers", "2"], fake, seen) == 0
+    printed = capsys.readouterr().out
+    images, results, rows = flickr30k_files()
+
+    assert fake.calls == [(SLUG, False)]
+    assert seen[0].username == "alice" and "KAGGLE_USERNAME and KAGGLE_KEY" in printed and KEY not in printed
+    # one copy, in our format; the caption file byte for byte; the download deleted after extraction
+    assert sorted(p.name for p in out.iterdir()) == ["images", "prepare_report.json", "results.csv"]
+    assert (out / "results.csv").read_bytes() == results
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(images)
+    report = report_of(out)
+    assert report["repaired_rows"][0]["line"] == rows["malformed"] and len(report["repaired_rows"]) == 1
+    assert report["duplicate_rows"] == [{"line": rows["duplicate"], "first_line": rows["original"],
+                                         "file": "results.csv"}]
+    assert report["dropped_rows"] == []
+    assert report["bad_images"] == [CORRUPT] and "excluded 1 images that cannot be decoded" in printed
+    assert (report["images"], report["captions"]) == (N_GOOD, 5 * N_GOOD)  # grayscale and CMYK are usable
+    assert (report["image_files"], report["caption_rows"]) == (N_GOOD + 1, 5 * (N_GOOD + 1) + 1)
+    assert report["splits"] == {"train": N_GOOD - 4, "val": 2, "test": 2}  # 5% each for val and test
+    # the real data set's counts are checked: this tiny zip is reported as not matching them
+    assert any("expected 31,783 images" in w for w in report["warnings"]) and "WARNING: expected" in printed
+    # and the repaired row trains with its caption
+    data = CaptionData(out, verbose=False)
+    assert "A dog runs across the grass ." in data.captions["2199200615.jpg"]
+    assert CORRUPT not in data.names
+
+
+def test_counts_matching_the_data_set_give_no_warning(tmp_path, kaggle_zip, monkeypatch):
+    spec = dataclasses.replace(prepare.DATASETS["flickr30k"], images=N_GOOD + 1, captions=5 * (N_GOOD + 1) + 1)
+    monkeypatch.setitem(prepare.DATASETS, "flickr30k", spec)
+    assert run(["--zip", str(kaggle_zip), "--out", str(tmp_path / "d")]) == 0
+    assert report_of(tmp_path / "d")["warnings"] == []
+
+
+def test_second_run_verifies_quickly_and_downloads_nothing(tmp_path, kaggle_zip, with_key, monkeypatch, capsys):
+    out, fake = tmp_path / "flickr30k", FakeKaggle(kaggle_zip)
+    run(["--out", str(out)], fake)
+    stamp = (out / "prepare_report.json").stat().st_mtime_ns
+    capsys.readouterr()
+    monkeypatch.delenv("KAGGLE_KEY")  # no credentials are needed for data that is already there
+    monkeypatch.setattr(prepare, "find_bad_images", lambda *a: pytest.fail("images were decoded again"))
+    assert run(["--out", str(out)], fake) == 0
+    assert fake.calls == [(SLUG, False)]
+    assert "already prepared and unchanged" in capsys.readouterr().out
+    assert (out / "prepare_report.json").stat().st_mtime_ns == stamp
+
+
+def test_interrupted_extraction_is_redone(tmp_path, kaggle_zip, with_key, monkeypatch, capsys):
+    out, fake = tmp_path / "flickr30k", FakeKaggle(kaggle_zip)
+    real, calls = prepare.extract_member, []
+
+    def dies_midway(*args):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(prepare, "extract_member", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run(["--out", str(out)], fake)
+    assert (out / prepare.STAGING).exists() and not (out / "prepare_report.json").exists()
+    monkeypatch.setattr(prepare, "extract_member", real)
+    assert run(["--out", str(out)], fake) == 0
+    assert "interrupted; extracting again" in capsys.readouterr().out
+    assert fake.calls == [(SLUG, False)]  # the complete zip was kept for the second try
+    assert len(list((out / "images").iterdir())) == N_GOOD + 1 and not (out / prepare.STAGING).exists()
+    assert report_of(out)["images"] == N_GOOD and not (out / "flickr-image-dataset.zip").exists()
+
+
+def test_partial_download_is_detected_and_redone(tmp_path, kaggle_zip, with_key, capsys):
+    out, fake = tmp_path / "flickr30k", FakeKaggle(kaggle_zip, broken=1)
+    out.mkdir()
+    (out / "flickr-image-dataset.zip").write_bytes(kaggle_zip.read_bytes()[:1000])  # an earlier run cut short
+    assert run(["--out", str(out), "--keep-zip"], fake) == 0
+    printed = capsys.readouterr().out
+    assert "is incomplete" in printed and "downloading it again from the start" in printed
+    assert fake.calls == [(SLUG, False), (SLUG, True)]  # resume first, then from scratch
+    assert (out / "flickr-image-dataset.zip").read_bytes() == kaggle_zip.read_bytes()  # --keep-zip
+    assert report_of(out)["images"] == N_GOOD
+
+
+def test_zip_flag_needs_no_credentials_and_keeps_the_zip(tmp_path, kaggle_zip):
+    out = tmp_path / "flickr30k"
+    assert run(["--zip", str(kaggle_zip), "--out", str(out)]) == 0  # the fake fails the test if called
+    assert kaggle_zip.exists() and report_of(out)["images"] == N_GOOD
+
+
+@pytest.mark.parametrize("copy_differs", [False, True])
+def test_zip_unzipped_by_hand_is_moved_into_place(tmp_path, kaggle_zip, copy_differs):
+    out = tmp_path / "flickr30k"
+    with zipfile.ZipFile(kaggle_zip) as zf:
+        zf.extractall(out)
+    nested = out / "flickr30k_images" / "flickr30k_images" / "flickr30k_images"
+    if copy_differs:
+        (nested / CORRUPT).write_bytes(b"not the same file")
+    assert run(["--out", str(out)]) == 0  # nothing downloaded: the fake fails the test if called
+    # one copy moved into place; the nested one deleted only if it really is a copy
+    assert (out / "results.csv").read_bytes() == flickr30k_files()[1] and report_of(out)["images"] == N_GOOD
+    assert sorted(p.name for p in (out / "images").iterdir() if p.is_file()) == sorted(flickr30k_files()[0])
+    left = sorted(str(p.relative_to(out / "images")) for p in (out / "images").rglob("*") if p.is_file())
+    assert len(left) == (2 * N_GOOD + 2 if copy_differs else N_GOOD + 1)
+    assert sorted(p.name for p in out.iterdir()) == ["images", "prepare_report.json", "results.csv"]
+
+
+def test_damaged_zip_is_refused_and_left_unchanged(tmp_path, kaggle_zip):
+    data = bytearray(kaggle_zip.read_bytes())
+    data[len(data) // 3:len(data) // 3 + 64] = bytes(64)  # bytes lost in the middle of the images
+    kaggle_zip.write_bytes(data)
+    with pytest.raises(SystemExit, match="built.zip is damaged"):
+        run(["--zip", str(kaggle_zip), "--out", str(tmp_path / "d")])
+    assert kaggle_zip.read_bytes() == data and not (tmp_path / "d" / "prepare_report.json").exists()
+
+
+def test_full_disk_is_said_before_extracting(tmp_path, kaggle_zip, monkeypatch):
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))
+    with pytest.raises(SystemExit, match=r"needs 0.0 GB in .*, but only 0.0 GB are free"):
+        run(["--zip", str(kaggle_zip), "--out", str(tmp_path / "d")])
+    assert not (tmp_path / "d" / prepare.STAGING).exists()
+
+
+def test_zip_of_another_data_set_says_so(tmp_path):
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w") as zf:
+        zf.writestr("captions.txt", "image,caption\na.jpg,a dog\n")
+        zf.writestr("Images/a.jpg", jpeg((1, 2, 3)))
+    with pytest.raises(SystemExit, match=r"no results.csv.*\['captions.txt'\].*--dataset"):
+        run(["--zip", str(tmp_path / "archive.zip"), "--out", str(tmp_path / "d")])
+
+
+# --- splits ---
+
+def karpathy_json(path: Path, splits: dict) -> Path:
+    """Karpathy's dataset_flickr30k.json: one entry per image with its split, sentences and ids."""
+    images = [{"filename": name, "split": split, "sentences": [{"raw": "a caption", "tokens": ["a", "caption"]}]}
+              for split, names in splits.items() for name in names]
+    for i, image in enumerate(images):
+        image.update(imgid=i, sentids=[5 * i + j for j in range(5)])
+    path.write_text(json.dumps({"dataset": "flickr30k", "images": images}))
+    return path
+
+
+def karpathy_txt(folder: Path, splits: dict) -> Path:
+    """flickr30k_{split}_karpathy.txt: a header, then `image,caption` rows, five per image, commas in captions."""
+    folder.mkdir(exist_ok=True)
+    for s, names in splits.items():
+        rows = [f"{n},A man, in a hat, number {j} ." for n in names for j in range(5)]
+        (folder / f"flickr30k_{s}_karpathy.txt").write_text("\n".join(["image,caption", *rows]) + "\n")
+    return folder / "flickr30k_test_karpathy.txt"
+
+
+NAMES = [f"{1000000000 + i}.jpg" for i in range(12)]
+KARPATHY = {"train": NAMES[:6], "restval": NAMES[6:8], "val": NAMES[8:10], "test": NAMES[10:]}
+EXPECTED = {"train": NAMES[:8], "val": NAMES[8:10], "test": NAMES[10:]}
+
+
+def test_karpathy_json_split(tmp_path):
+    assert prepare.read_split_file(karpathy_json(tmp_path / "dataset_flickr30k.json", KARPATHY)) == EXPECTED
+
+
+def test_karpathy_txt_lists(tmp_path):
+    # name any one of the three lists; the others are found beside it
+    splits = {"train": EXPECTED["train"], "val": EXPECTED["val"], "test": EXPECTED["test"]}
+    assert prepare.read_split_file(karpathy_txt(tmp_path / "lists", splits)) == EXPECTED
+    (tmp_path / "lists" / "flickr30k_val_karpathy.txt").unlink()
+    with pytest.raises(prepare.PrepareError, match="flickr30k_val_karpathy.txt"):
+        prepare.read_split_file(tmp_path / "lists" / "flickr30k_train_karpathy.txt")
+
+
+def test_split_file_sizes_reach_the_report_and_training_data(tmp_path, kaggle_zip):
+    names = sorted(flickr30k_files()[0])
+    splits = {"train": names[:30], "val": names[30:35], "test": [*names[35:], "9999999999.jpg"]}
+    out = tmp_path / "flickr30k"
+    split_file = karpathy_json(tmp_path / "dataset_flickr30k.json", splits)
+    assert run(["--zip", str(kaggle_zip), "--out", str(out), "--split-file", str(split_file)]) == 0
+    # the corrupt image and the one missing here leave the test split
+    expected = {"train": 30, "val": 5, "test": len(names) - 35 - 1}
+    assert CORRUPT in splits["test"] and report_of(out)["splits"] == expected
+    assert report_of(out)["split_rule"] == "splits.json"
+    assert {s: len(split) for s, split in CaptionData(out, verbose=False).splits.items()} == expected
+
+
+# --- other formats feed train.py ---
+
+def shapes_as_csv(tmp_path, n: int, captions_per_image) -> tuple[list[str], list[tuple[str, str]]]:
+    """Shapes pictures and their captions as (image, caption) rows, with `captions_per_image(i)` captions each."""
+    src = make_shapes(tmp_path / "src", num_images=n, width=32, height=32)
+    by_image = {}
+    for line in (src / "results.csv").read_text().splitlines()[1:]:
+        image, _, caption = (f.strip() for f in line.split("|"))
+        by_image.setdefault(image, []).append(caption)
+    rows = [(image, caps[j % 5]) for i, (image, caps) in enumerate(by_image.items())
+            for j in range(captions_per_image(i))]
+    return list(by_image), rows
+
+
+def csv_text(rows) -> str:
+    """`image,caption` with a header; captions with commas quoted, as pandas writes them."""
+    return "image,caption\n" + "".join(f'{image},"{caption}"\n' if "," in caption else f"{image},{caption}\n"
+                                       for image, caption in rows)
+
+
+def train_one_epoch(data_dir: Path, run_dir: Path, *extra) -> dict:
+    return train.main(TINY + ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--epochs", "1", *extra])
+
+
+def test_flickr8k_zip_feeds_training(tmp_path):
+    images, rows = shapes_as_csv(tmp_path, 30, lambda i: 5)
+    with zipfile.ZipFile(tmp_path / "flickr8k.zip", "w") as zf:  # Kaggle's adityajn105/flickr8k layout
+        zf.writestr("captions.txt", csv_text(rows))
+        for name in images:
+            zf.write(tmp_path / "src" / "images" / name, f"Images/{name}")
+    out = tmp_path / "flickr8k"
+    assert run(["--dataset", "flickr8k", "--zip", str(tmp_path / "flickr8k.zip"), "--out", str(out)]) == 0
+    report = report_of(out)
+    assert (report["images"], report["captions"], report["caption_file"]) == (30, 150, "captions.txt")
+    assert any("expected 8,091 images for flickr8k" in w for w in report["warnings"])
+    metrics = train_one_epoch(out, tmp_path / "run")
+    assert (metrics["test_n_images"], metrics["test_n_captions"]) == (2, 10)
+
+
+def test_bring_your_own_folder_feeds_training(tmp_path, capsys):
+    images, rows = shapes_as_csv(tmp_path, 30, lambda i: 1 + i % 4)  # 1 to 4 captions per image
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (tmp_path / "src" / "images").rename(mine / "images")
+    (mine / "captions.csv").write_text(csv_text(rows))
+    assert run(["--prepare", str(mine)]) == 0
+    report = report_of(mine)
+    assert (report["images"], report["captions"]) == (30, len(rows)) and report["warnings"] == []
+    assert report["dataset"] is None  # your own data: no expected counts
+    data = CaptionData(mine, verbose=False)
+    test_captions = sum(len(data.captions[n]) for n in data.splits["test"].images)
+    metrics = train_one_epoch(mine, tmp_path / "run")
+    assert (metrics["test_n_images"], metrics["test_n_captions"]) == (2, test_captions)
+
+
+def test_kaggle_key_never_reaches_logs_metrics_or_checkpoints(tmp_path, kaggle_zip, with_key, capsys):
+    out, run_dir = tmp_path / "flickr30k", tmp_path / "run"
+    run(["--out", str(out), "--workers", "1"], FakeKaggle(kaggle_zip))
+    # JPEGs decoded every step: the corrupt one must have been excluded at prepare time, or this would crash
+    metrics = train_one_epoch(out, run_dir, "--image-cache", "off")
+    assert metrics["test_n_images"] == 2
+    captured = capsys.readouterr()
+    assert KEY not in captured.out + captured.err
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "checkpoint.json" for p in files) and any(p.name == "metrics.jsonl" for p in files)
+    assert [p for p in files if KEY.encode() in p.read_bytes()] == []
