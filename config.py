@@ -19,7 +19,7 @@ CacheMode = Literal["auto", "on", "off"]
 @dataclass
 class Config:
     # --- data ---
-    data_dir: str = "data/flickr30k"  # a folder in the Kaggle Flickr30k layout (see README, "Data formats")
+    data_dir: str = "data/flickr30k"  # Flickr30k layout, Flickr8k, or your own (README, "Data")
     run_dir: str = ""  # where config, metrics and checkpoints go; empty = runs/<date>-<time>
     image_cache: CacheMode = "auto"  # decode every image once into a uint8 memmap (fast); "auto" = when the disk has room
     num_workers: int = 4  # data-loading processes; the cached path needs few, JPEG decoding needs many

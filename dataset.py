@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from images import CacheSource, JpegSource, build_cache, full_boxes, sample_boxes
+from images import JpegSource, build_cache, full_boxes, sample_boxes
 
 IMAGE_DIRS = ["images", "Images", "flickr30k_images", "flickr8k_images"]
 CAPTION_FILES = ["results.csv", "captions.txt", "captions.csv"]
@@ -239,7 +239,7 @@ class CaptionData:
         for _, image, caption in rows:
             if image not in on_disk:
                 missing.add(image)
-            elif image not in bad:
+            else:
                 by_image.setdefault(image, []).append(caption)
         if not by_image:
             raise ValueError(f"{data_dir}: no captioned image found on disk ({len(rows)} caption rows, "
@@ -250,11 +250,17 @@ class CaptionData:
         if verbose and (missing or bad):
             print(f"{self.data_dir}: skipping {len(missing)} captioned images missing on disk and {len(bad)} "
                   f"listed as bad in prepare_report.json")
-        self.names = sorted(by_image)  # row i of the image source is names[i]
+        # splits are drawn over every captioned image on disk, then broken ones are dropped where they fall, so one
+        # bad file does not reshuffle everybody else's split
+        splits = split_names(sorted(by_image), data_dir)
+        self.names = sorted(n for n in by_image if n not in bad)  # row i of the image source is names[i]
+        if not self.names:
+            raise ValueError(f"{data_dir}: every captioned image is listed as bad in prepare_report.json")
         self.captions = by_image
         self.source = None
         self.row_of = {n: i for i, n in enumerate(self.names)}
-        self.splits = {name: self._split(name, members) for name, members in split_names(self.names, data_dir).items()}
+        self.splits = {name: self._split(name, [n for n in members if n not in bad])
+                       for name, members in splits.items()}
 
     def _split(self, name: str, members: list[str]) -> Split:
         caps = [self.captions[n] for n in members]

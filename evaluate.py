@@ -8,7 +8,6 @@ Recall is in percent.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -94,7 +93,7 @@ def paired_loss(image_emb, text_emb, split: Split, logit_scale, batch_size: int)
             i, c = images[lo:lo + batch_size], captions[lo:lo + batch_size]
             if len(i) > 1:
                 losses.append(clip_loss(image_emb[i], text_emb[c], logit_scale).item())
-    return float(np.mean(losses))
+    return float(np.mean(losses)) if losses else float("nan")  # a one-image split has no negatives
 
 
 def evaluate(model, split: Split, source, pixels: Pixels, pad_id: int, device, dtype, batch_size: int,
