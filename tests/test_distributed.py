@@ -1,0 +1,135 @@
+"""DDP on CPU with gloo: N ranks x batch b train exactly like one process with batch N*b; --local-loss and
+gradient caching give the same loss and gradients; a 2-process run completes and resumes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clip import CLIPModel
+from config import parse_config
+from conftest import TINY
+from distributed import Dist
+from engine import backward_grad_cache, contrastive_loss
+from utils import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH, WORLD, VOCAB = 8, 2, 120
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = parse_config(TINY + ["--tokenizer", "local"])
+    return CLIPModel(cfg, VOCAB).eval()  # eval: no dropout, batch norm from running stats, so rows are independent
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(BATCH, 3, 32, 32, generator=g)
+    ids = torch.randint(5, VOCAB, (BATCH, 12), generator=g)
+    mask = torch.ones(BATCH, 12, dtype=torch.bool)
+    mask[::3, 9:] = False
+    return images, ids, mask
+
+
+def gradients(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def one_process(mode):
+    model = tiny_model()
+    images, ids, mask = batch()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    if mode == "cache":
+        loss = backward_grad_cache(model, model, images, ids, mask, 4, Dist(), False, torch.device("cpu"),
+                                   torch.float32, scaler)
+    else:
+        loss = contrastive_loss(*model(images, ids, mask), Dist(), local_loss=False)
+        loss.backward()
+    return loss.item(), gradients(model)
+
+
+def _rank(rank, port, mode, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    d = Dist(rank, WORLD, rank, enabled=True)
+    raw = tiny_model()
+    model = torch.nn.parallel.DistributedDataParallel(raw)
+    images, ids, mask = (t[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for t in batch())
+    if mode == "cache":
+        loss = backward_grad_cache(model, raw, images, ids, mask, 2, d, False, torch.device("cpu"), torch.float32,
+                                   torch.amp.GradScaler("cpu", enabled=False))
+    else:
+        loss = contrastive_loss(*model(images, ids, mask), d, local_loss=mode == "local")
+        loss.backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    torch.save({"loss": mean.item() / WORLD, "grads": gradients(raw)}, out / f"{mode}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    for mode in ("full", "local", "cache"):
+        mp.start_processes(_rank, args=(free_port(), mode, out), nprocs=WORLD, start_method="spawn")
+    return {mode: [torch.load(out / f"{mode}-{r}.pt") for r in range(WORLD)] for mode in ("full", "local", "cache")}
+
+
+def assert_same_gradients(a, b, tol=1e-5):
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        scale = max(a[name].abs().max().item(), 1e-8)
+        assert (a[name] - b[name]).abs().max().item() <= tol * scale + 1e-9, name
+
+
+@pytest.mark.parametrize("mode", ["full", "local", "cache"])
+def test_two_ranks_match_one_process_with_the_whole_batch(two_rank_results, mode):
+    loss, grads = one_process("full")
+    for rank_result in two_rank_results[mode]:
+        assert rank_result["loss"] == pytest.approx(loss, rel=1e-5)
+        assert_same_gradients(grads, rank_result["grads"])
+
+
+def test_gradient_caching_in_one_process_matches_one_big_batch():
+    loss, grads = one_process("full")
+    cached_loss, cached = one_process("cache")
+    assert cached_loss == pytest.approx(loss, rel=1e-6)
+    assert_same_gradients(grads, cached)
+    assert "logit_scale" in cached  # the temperature learns under gradient caching too
+
+
+def torchrun(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "train.py", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_process_training_completes_and_resumes(tiny_shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    args = TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--device", "cpu", "--batch-size", "16"]
+    first = torchrun(args + ["--epochs", "1"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    history = read_jsonl(run / "metrics.jsonl")
+    assert len(history) == 1  # only rank 0 writes
+    # 180 train images / (2 ranks x 16) -> 5 full global batches + 20 left over, 10 per rank
+    assert history[0]["step"] == 6
+    second = torchrun(args + ["--epochs", "2", "--resume"])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    history = read_jsonl(run / "metrics.jsonl")
+    assert [h["epoch"] for h in history] == [1, 2] and history[1]["step"] == 12
+    assert "resuming" in second.stdout + second.stderr
