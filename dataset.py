@@ -336,29 +336,45 @@ def epoch_plan(split: Split, batch_size: int, seed: int, epoch: int, rank: int =
 
 
 class TrainBatches(Dataset):
-    """Batch i of an epoch plan: uint8 squares, crop boxes and tokens; deterministic given (seed, epoch, i)."""
+    """Batch (epoch, i) of the run: uint8 squares, crop boxes and tokens; deterministic given (seed, epoch, i).
 
-    def __init__(self, split: Split, source, plan, pad_id: int, crop_scale_min: float, seed: int, epoch: int,
-                 rank: int = 0, fixed_length: int = 0):
-        self.split, self.source, self.plan = split, source, plan
+    Indexed by (epoch, batch) so one data loader, with the same worker processes, serves the whole run.
+    """
+
+    def __init__(self, split: Split, source, batch_size: int, pad_id: int, crop_scale_min: float, seed: int,
+                 rank: int = 0, world: int = 1, drop_last: bool = False, fixed_length: int = 0):
+        self.split, self.source, self.batch_size = split, source, batch_size
         self.pad_id, self.crop_scale_min, self.fixed_length = pad_id, crop_scale_min, fixed_length
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
         self.caption_image = split.caption_image
+        self._plans: dict[int, list] = {}
 
-    def __len__(self):
-        return len(self.plan)
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        if epoch not in self._plans:
+            self._plans = {epoch: epoch_plan(self.split, self.batch_size, self.seed, epoch, self.rank, self.world,
+                                             self.drop_last)}
+        return self._plans[epoch]
 
-    def __getitem__(self, i) -> dict:
-        captions = self.plan[i]
+    def __len__(self):  # batches per epoch
+        return len(self.plan(0))
+
+    def __getitem__(self, index: tuple[int, int]) -> dict:
+        epoch, i = index
+        captions = self.plan(epoch)[i]
         images = self.caption_image[captions]
         generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([self.seed, self.epoch, i, self.rank]).generate_state(1)[0]))
+            int(np.random.SeedSequence([self.seed, epoch, i, self.rank]).generate_state(1)[0]))
         return {
             "pixels": torch.from_numpy(self.source.get(self.split.rows[images])),  # (B, S, S, 3) uint8
             "boxes": sample_boxes(generator, len(images), self.source.size, self.crop_scale_min),  # (B, 4)
             "image_index": torch.from_numpy(images),
             **text_batch(self.split, captions, self.pad_id, self.fixed_length),
         }
+
+    def run_indices(self, epochs: int, start_epoch: int = 0, start_batch: int = 0) -> list[tuple[int, int]]:
+        """(epoch, batch) of every step from a position to the end of training."""
+        n = len(self)
+        return [(e, i) for e in range(start_epoch, epochs) for i in range(start_batch if e == start_epoch else 0, n)]
 
 
 class EvalImages(Dataset):
@@ -375,9 +391,8 @@ class EvalImages(Dataset):
         return {"pixels": torch.from_numpy(self.source.get(rows)), "boxes": full_boxes(len(rows), self.source.size)}
 
 
-def batch_loader(batches: Dataset, num_workers: int, pin_memory: bool, start: int = 0) -> DataLoader:
-    """Load whole batches (the dataset returns batches), in order, from batch `start` on, in worker processes."""
-    indices = list(range(start, len(batches)))
+def batch_loader(batches: Dataset, indices, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Load whole batches (the dataset returns batches) in the order of `indices`, in worker processes."""
     return DataLoader(batches, batch_size=None, sampler=indices, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None,
                       generator=torch.Generator())  # own generator: never draws from the global RNG (exact resume)

@@ -28,7 +28,8 @@ KS = (1, 5, 10)
 def embed_images(model, split: Split, source, pixels: Pixels, device, dtype, batch_size: int,
                  num_workers: int = 0, progress: bool = False) -> torch.Tensor:
     """(n_images, D) float32 unit embeddings of a split's images, whole (no augmentation), on `device`."""
-    loader = batch_loader(EvalImages(split, source, batch_size), num_workers, pin_memory=device.type == "cuda")
+    batches = EvalImages(split, source, batch_size)
+    loader = batch_loader(batches, range(len(batches)), num_workers, pin_memory=device.type == "cuda")
     out = []
     for batch in tqdm(loader, desc="embedding images", unit="batch", disable=not progress):
         with autocast(device, dtype):

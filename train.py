@@ -8,6 +8,7 @@ Every Config field is a flag (`python train.py --help`). RUN/ gets config.json, 
 per epoch), test_metrics.json, and the `last` and `best` checkpoints (see checkpoint.py).
 """
 
+import itertools
 import json
 import math
 import shutil
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from checkpoint import load_training_state, load_weights, rng_state, save_checkpoint
 from clip import CLIPModel
 from config import Config, build_parser, config_from_args, config_from_dict, save_config
-from dataset import CaptionData, TrainBatches, batch_loader, epoch_plan
+from dataset import CaptionData, TrainBatches, batch_loader
 from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from engine import global_mean, lr_factor, make_optimizer, train_step
 from evaluate import evaluate, format_table
@@ -127,8 +128,10 @@ def train(cfg: Config, d: Dist) -> dict:
     # --- optimiser and state ---
     optimizer = make_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    drop_last = cfg.compile  # a compiled model recompiles for a smaller last batch
-    steps_per_epoch = len(epoch_plan(train_split, cfg.batch_size, cfg.seed, 0, d.rank, d.world, drop_last))
+    batches = TrainBatches(train_split, data.source, cfg.batch_size, tokenizer.pad_token_id, cfg.crop_scale_min,
+                           cfg.seed, d.rank, d.world, drop_last=cfg.compile,  # compiled: one batch shape
+                           fixed_length=cfg.max_length if cfg.compile else 0)
+    steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise SystemExit(f"--batch-size {cfg.batch_size} x {d.world} process(es) exceeds the "
                          f"{len(train_split)} training images")
@@ -156,14 +159,14 @@ def train(cfg: Config, d: Dist) -> dict:
     # --- loop ---
     global_batch = cfg.batch_size * d.world
     last_metrics, lr_scale = {}, lr_factor(state["step"], total_steps, warmup, cfg.min_lr_frac)
+    # one loader (and one set of worker processes) for the rest of the run; it reads ahead across epoch ends
+    loader = iter(batch_loader(batches, batches.run_indices(cfg.epochs, state["epoch"], state["batch"]),
+                               cfg.num_workers, device.type == "cuda"))
     for epoch in range(state["epoch"], cfg.epochs):
-        plan = epoch_plan(train_split, cfg.batch_size, cfg.seed, epoch, d.rank, d.world, drop_last)
-        batches = TrainBatches(train_split, data.source, plan, tokenizer.pad_token_id, cfg.crop_scale_min, cfg.seed,
-                               epoch, d.rank, fixed_length=cfg.max_length if cfg.compile else 0)
-        loader = batch_loader(batches, cfg.num_workers, device.type == "cuda", start=state["batch"])
         model.train()
-        bar = tqdm(loader, total=len(plan), initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not d.main, unit="batch", dynamic_ncols=True)
+        bar = tqdm(itertools.islice(loader, steps_per_epoch - state["batch"]), total=steps_per_epoch,
+                   initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not d.main, unit="batch",
+                   dynamic_ncols=True)
         window = torch.zeros((), device=device)  # sum of losses since the last read-back, kept on the device
         window_steps, tick = 0, time.perf_counter()
         epoch_start = time.perf_counter()
@@ -200,7 +203,7 @@ def train(cfg: Config, d: Dist) -> dict:
             state["batch"] += 1
             if window_steps == cfg.log_every:
                 read_losses()
-            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["batch"] < len(plan):
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["batch"] < steps_per_epoch:
                 read_losses()  # a checkpoint never holds weights after an unchecked loss
                 save(["last"])
         read_losses()

@@ -1,0 +1,418 @@
+"""How fast is a training step, and does the input pipeline keep up? Baselines run in the same process, so the
+ratios compare like with like.
+
+    python bench.py                     # full sizes on a GPU: resnet50 + DistilBERT-shaped text tower, 224 px
+    python bench.py --tiny              # toy sizes on the CPU in about a minute (the CI smoke test)
+    python bench.py --json bench.json   # also write every number
+
+(a) the popular tutorial's step: fp32, batch 32, its soft-target loss, default Adam settings
+(b) open_clip's CustomTextCLIP step with the closest towers it supports: timm resnet50 + a 6-layer BERT of
+    DistilBERT's width, bf16 autocast, its ClipLoss, as its training script runs it
+(c) this project's step (bf16, channels_last, fused AdamW, SDPA), eager and under torch.compile
+(d) this project's whole training loop on the built-in set drawn at Flickr's size (500x375 JPEGs): the image cache,
+    data-loader workers, device-side augmentation, the step
+(e) the input pipeline alone, in images/s: cache vs decoding JPEGs
+(f) evaluation: embed 1,000 images and 5,000 captions and compute recall
+Synthetic batches use random pixels and token ids with caption-like lengths. MFU = model FLOPs (torch's flop counter,
+forward + backward) per second / a measured dense bf16 (CPU: fp32) matmul peak.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig, DistilBertConfig, DistilBertModel
+
+from clip import CLIPModel, clip_loss
+from config import Config
+from dataset import CaptionData, Split, TrainBatches, batch_loader
+from distributed import Dist
+from engine import make_optimizer, train_step
+from evaluate import evaluate
+from images import JpegSource, Pixels
+from modules import ProjectionHead
+from shapes import make_shapes
+from tokenizer import train_wordpiece
+from utils import pick_device, provenance
+
+
+@dataclass
+class Sizes:
+    image_model: str
+    image_size: int
+    text_layers: int
+    text_width: int
+    text_heads: int
+    vocab: int
+    tokens: int  # padded caption length of the synthetic batches
+    short_tokens: int  # a typical padded Flickr caption batch
+    tutorial_batch: int
+    batch: int
+    big_batch: int
+    steps: int
+    warmup: int
+    workers: int
+    e2e_images: int
+    e2e_size: tuple
+    eval_images: int
+
+
+FULL = Sizes("resnet50", 224, 6, 768, 12, 30522, 48, 32, 32, 256, 512, 20, 5, 12, 6144, (500, 375), 1000)
+TINY = Sizes("resnet10t", 32, 2, 64, 2, 1000, 16, 12, 8, 16, 16, 3, 1, 0, 120, (125, 94), 40)
+
+
+def row(section: str, name: str, samples_s: float, flops_per_sample: float, batch: int) -> dict:
+    return {"section": section, "name": name, "samples_s": samples_s, "gflop_per_sample": flops_per_sample / 1e9,
+            "batch": batch}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(step, samples: int, sizes: Sizes, device) -> float:
+    """samples/s of `step()` after warm-up (which also absorbs compilation); one sync at each end."""
+    for _ in range(sizes.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(sizes.steps):
+        step()
+    sync(device)
+    return sizes.steps * samples / (time.perf_counter() - start)
+
+
+def synthetic_batch(n: int, sizes: Sizes, tokens: int, device):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, sizes.image_size, sizes.image_size, generator=g)
+    ids = torch.randint(1000 % sizes.vocab, sizes.vocab, (n, tokens), generator=g)
+    lengths = torch.randint(tokens // 3, tokens + 1, (n,), generator=g)  # caption-like padding
+    mask = torch.arange(tokens)[None, :] < lengths[:, None]
+    ids[~mask] = 0
+    return images.to(device), ids.to(device), mask.to(device)
+
+
+def step_flops(fn) -> float:
+    """FLOPs of one call of fn (forward + backward), counted by torch's flop counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device) -> float:
+    """Measured dense matmul FLOP/s: bf16 8192^3 on a GPU, fp32 1024^3 on the CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+# --- (a) the tutorial ---------------------------------------------------------------------------------------------
+
+class TutorialCLIP(torch.nn.Module):
+    """The popular tutorial's model: unnormalised projections, temperature 1, soft targets from in-modality
+    similarities, fp32 throughout."""
+
+    def __init__(self, sizes: Sizes):
+        super().__init__()
+        self.image_encoder = timm.create_model(sizes.image_model, pretrained=False, num_classes=0, global_pool="avg")
+        self.text_encoder = DistilBertModel(distilbert_config(sizes))
+        self.image_projection = ProjectionHead(self.image_encoder.num_features, 256, 0.1)
+        self.text_projection = ProjectionHead(sizes.text_width, 256, 0.1)
+
+    def forward(self, images, ids, mask):
+        image_emb = self.image_projection(self.image_encoder(images))
+        text_emb = self.text_projection(self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+        logits = text_emb @ image_emb.T
+        targets = F.softmax((image_emb @ image_emb.T + text_emb @ text_emb.T) / 2, dim=-1)
+        texts_loss = (-targets * F.log_softmax(logits, dim=-1)).sum(1)
+        images_loss = (-targets.T * F.log_softmax(logits.T, dim=-1)).sum(1)
+        return ((images_loss + texts_loss) / 2).mean()
+
+
+def distilbert_config(sizes: Sizes) -> DistilBertConfig:
+    return DistilBertConfig(vocab_size=sizes.vocab, n_layers=sizes.text_layers, dim=sizes.text_width,
+                            n_heads=sizes.text_heads, hidden_dim=4 * sizes.text_width)
+
+
+def bench_tutorial(sizes: Sizes, device):
+    model = TutorialCLIP(sizes).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
+    batch = synthetic_batch(sizes.tutorial_batch, sizes, sizes.tokens, device)
+
+    def step():
+        loss = model(*batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    flops = step_flops(lambda: model(*batch).backward()) / sizes.tutorial_batch
+    return [row("a", "tutorial, fp32", throughput(step, sizes.tutorial_batch, sizes, device), flops,
+                sizes.tutorial_batch)]
+
+
+# --- (b) open_clip ------------------------------------------------------------------------------------------------
+
+def bench_open_clip(sizes: Sizes, device, dtype):
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    with tempfile.TemporaryDirectory() as bert_dir:
+        BertConfig(vocab_size=sizes.vocab, num_hidden_layers=sizes.text_layers, hidden_size=sizes.text_width,
+                   num_attention_heads=sizes.text_heads, intermediate_size=4 * sizes.text_width,
+                   pad_token_id=0).save_pretrained(bert_dir)
+        model = open_clip.CustomTextCLIP(
+            embed_dim=256,
+            vision_cfg=CLIPVisionCfg(timm_model_name=sizes.image_model, timm_model_pretrained=False, timm_pool="avg",
+                                     timm_proj="linear", image_size=sizes.image_size),
+            text_cfg=CLIPTextCfg(hf_model_name=bert_dir, hf_model_pretrained=False, context_length=sizes.tokens,
+                                 vocab_size=sizes.vocab)).to(device).train()
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2)
+    images, ids, _ = synthetic_batch(sizes.batch, sizes, sizes.tokens, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    def forward():
+        with autocast:
+            image_features, text_features, logit_scale = model(images, ids)
+            return loss_fn(image_features, text_features, logit_scale)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        forward().backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+
+    flops = step_flops(lambda: forward().backward()) / sizes.batch
+    return [row("b", "open_clip CustomTextCLIP, bf16", throughput(step, sizes.batch, sizes, device), flops,
+                sizes.batch)]
+
+
+# --- (c) this project's step --------------------------------------------------------------------------------------
+
+def our_config(sizes: Sizes, batch: int, compile_: bool, max_length: int) -> Config:
+    return Config(image_model=sizes.image_model, image_pretrained=False, image_size=sizes.image_size,
+                  text_model="distilbert", text_pretrained=False, text_layers=sizes.text_layers,
+                  text_width=sizes.text_width, text_heads=sizes.text_heads, tokenizer="local",
+                  max_length=max_length, batch_size=batch, compile=compile_, num_workers=sizes.workers)
+
+
+def our_model(cfg: Config, sizes: Sizes, device, dtype):
+    raw = CLIPModel(cfg, sizes.vocab).to(device)
+    if cfg.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(raw, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    model = torch.compile(raw) if cfg.compile else raw
+    return raw, model, optimizer, scaler
+
+
+def our_flops(raw: CLIPModel, sizes: Sizes, tokens: int, device) -> float:
+    """Forward + backward FLOPs per sample of our model (counted on a batch of 8; the loss's N^2 part is noise)."""
+    images, ids, mask = synthetic_batch(8, sizes, tokens, device)
+    flops = step_flops(lambda: clip_loss(*raw(images, ids, mask)).backward())
+    raw.zero_grad(set_to_none=True)
+    return flops / 8
+
+
+def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: bool):
+    cfg = our_config(sizes, batch, compile_, tokens)
+    raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
+    images, ids, mask = synthetic_batch(batch, sizes, tokens, device)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        train_step(model, raw, optimizer, scaler, images, ids, mask, cfg, Dist(), device, dtype, 1.0)
+
+    name = f"ours, {'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens, synthetic"
+    return [row("c", name, throughput(step, batch, sizes, device), our_flops(raw, sizes, tokens, device), batch)]
+
+
+# --- (d, e, f) real data ------------------------------------------------------------------------------------------
+
+def flickr_sized_shapes(sizes: Sizes, root: Path) -> Path:
+    folder = root / f"shapes-{sizes.e2e_size[0]}x{sizes.e2e_size[1]}-{sizes.e2e_images}"
+    if not (folder / "results.csv").exists():
+        make_shapes(folder, sizes.e2e_images, *sizes.e2e_size)
+    return folder
+
+
+def open_data(folder: Path, square: int, cache: str, sizes: Sizes, max_length: int):
+    data = CaptionData(folder, verbose=False)
+    data.open_images(square, cache, sizes.workers)
+    tokenizer_dir = folder / "tokenizer"
+    tokenizer = train_wordpiece(data.splits["train"].captions, 8000, tokenizer_dir)
+    data.tokenize(tokenizer, max_length)
+    return data, tokenizer
+
+
+def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, tokens: int, compile_: bool):
+    """The training loop's work per step, real data included; then the same model on one synthetic batch of the
+    same shapes, which tells what the input pipeline costs."""
+    cfg = our_config(sizes, batch, compile_, tokens)
+    raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
+    pixels = Pixels.for_encoder(raw.image_encoder.data_config, cfg.image_size, cfg.channels_last)
+    data, tokenizer = open_data(folder, pixels.square, "on", sizes, tokens)
+    split = data.splits["train"]
+    batches = TrainBatches(split, data.source, batch, tokenizer.pad_token_id, 0.9, 0, drop_last=True,
+                           fixed_length=tokens if compile_ else 0)
+    stream = iter(batch_loader(batches, batches.run_indices(1000), sizes.workers, device.type == "cuda"))
+    first = next(stream)
+
+    def step(b=None):
+        b = b or next(stream)
+        images = pixels(b["pixels"], b["boxes"], device)
+        train_step(model, raw, optimizer, scaler, images, b["input_ids"].to(device, non_blocking=True),
+                   b["attention_mask"].to(device, non_blocking=True), cfg, Dist(), device, dtype, 1.0)
+
+    kind = f"{'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens"
+    flops = our_flops(raw, sizes, tokens, device)
+    return [row("d", f"ours, end to end, {kind}", throughput(step, batch, sizes, device), flops, batch),
+            row("d", f"ours, same model, one cached batch, {kind}",
+                throughput(lambda: step(first), batch, sizes, device), flops, batch)]
+
+
+def bench_pipeline(sizes: Sizes, device, folder: Path, cache: str, batch: int):
+    """images/s from disk to normalised, augmented tensors on the device."""
+    pixels = Pixels.for_encoder(timm.data.resolve_model_data_config(timm.create_model(sizes.image_model)),
+                                sizes.image_size, True)
+    data = CaptionData(folder, verbose=False)
+    data.open_images(pixels.square, cache, sizes.workers)
+    split = data.splits["train"]
+    split.tokens = np.zeros((len(split.captions), 8), dtype=np.int32)
+    split.lengths = np.full(len(split.captions), 8, dtype=np.int32)
+    batches = TrainBatches(split, data.source, batch, 0, 0.9, 0, drop_last=True)
+    loader = iter(batch_loader(batches, batches.run_indices(1000), sizes.workers, device.type == "cuda"))
+    assert isinstance(data.source, JpegSource) == (cache == "off")
+
+    def step():
+        b = next(loader)
+        pixels(b["pixels"], b["boxes"], device)
+
+    return throughput(step, batch, sizes, device)
+
+
+def bench_eval(sizes: Sizes, device, dtype, folder: Path):
+    """Seconds to embed eval_images images with 5 captions each and compute recall (the model is untrained)."""
+    cfg = our_config(sizes, sizes.batch, False, 32)
+    raw, _, _, _ = our_model(cfg, sizes, device, dtype)
+    pixels = Pixels.for_encoder(raw.image_encoder.data_config, cfg.image_size, cfg.channels_last)
+    data, tokenizer = open_data(folder, pixels.square, "on", sizes, 32)
+    train = data.splits["train"]
+    n = min(sizes.eval_images, len(train))
+    split = Split("bench", train.images[:n], train.rows[:n], train.captions[:train.start[n]], train.start[:n + 1],
+                  train.tokens[:train.start[n]], train.lengths[:train.start[n]])
+    evaluate(raw, split, data.source, pixels, tokenizer.pad_token_id, device, dtype, 1024)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    metrics = evaluate(raw, split, data.source, pixels, tokenizer.pad_token_id, device, dtype, 1024)
+    sync(device)
+    return time.perf_counter() - start, metrics["n_images"], metrics["n_captions"]
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="toy sizes, CPU, about a minute")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write all results here")
+    p.add_argument("--data-root", default="data/bench", help="where the Flickr-sized shapes set is drawn")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip, e.g. compile,open_clip")
+    args = p.parse_args(argv)
+    sizes = TINY if args.tiny else FULL
+    device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    skip = set(filter(None, args.skip.split(",")))
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    results = {"date": datetime.date.today().isoformat(), "device": card, "sizes": sizes.__dict__,
+               **{k: v for k, v in provenance().items() if k != "argv"}, "rows": {}}
+    peak = matmul_peak(device)
+    results["matmul_peak_tflops"] = peak / 1e12
+    print(f"{card}: measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
+    folder = flickr_sized_shapes(sizes, Path(args.data_root))
+
+    S, B, T, short = sizes.batch, sizes.big_batch, sizes.tokens, sizes.short_tokens
+    sections = [
+        ("tutorial", lambda: bench_tutorial(sizes, device)),
+        ("open_clip", lambda: bench_open_clip(sizes, device, dtype)),
+        ("eager", lambda: bench_ours(sizes, device, dtype, S, T, False)),
+        ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True)),
+        ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, short, True)),
+        ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
+    ]
+    baselines = {}
+    for tag, fn in sections:
+        if tag in skip:
+            continue
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            measured = fn()
+        except Exception as e:  # one broken section must not cost the others' numbers
+            print(f"[{tag}] FAILED {type(e).__name__}: {e}", flush=True)
+            results["rows"][tag] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        for r in measured:
+            if device.type == "cuda":
+                r["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            r["mfu"] = r["gflop_per_sample"] * 1e9 * r["samples_s"] / peak
+            if tag in ("tutorial", "open_clip"):
+                baselines[tag] = r["samples_s"]
+            r.update({f"vs_{k}": r["samples_s"] / v for k, v in baselines.items()})
+            results["rows"][r["name"]] = r
+            ratios = ", ".join(f"{r['samples_s'] / v:.2f}x {k}" for k, v in baselines.items())
+            print(f"({r['section']}) {r['name']}: {r['samples_s']:,.0f} samples/s ({ratios}), "
+                  f"{r['gflop_per_sample']:.1f} GFLOP/sample, MFU {100 * r['mfu']:.1f}%"
+                  + (f", peak memory {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""), flush=True)
+
+    for cache in ("on", "off"):
+        if f"pipeline_{cache}" in skip:
+            continue
+        try:
+            rate = bench_pipeline(sizes, device, folder, cache, S)
+            results["rows"][f"input pipeline, cache {cache}"] = {"section": "e", "images_s": rate}
+            print(f"(e) input pipeline, {'cached squares' if cache == 'on' else 'JPEG decoding'}, "
+                  f"{sizes.workers} workers: {rate:,.0f} images/s", flush=True)
+        except Exception as e:
+            print(f"(e) input pipeline, cache {cache}: FAILED {type(e).__name__}: {e}")
+    if "eval" not in skip:
+        try:
+            seconds, n_img, n_cap = bench_eval(sizes, device, dtype, folder)
+            results["rows"]["evaluation"] = {"section": "f", "seconds": seconds, "images": n_img, "captions": n_cap}
+            print(f"(f) evaluation: {n_img} images + {n_cap} captions embedded and ranked in {seconds:.2f} s")
+        except Exception as e:
+            print(f"(f) evaluation: FAILED {type(e).__name__}: {e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
