@@ -255,7 +255,7 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
 def flickr_sized_shapes(sizes: Sizes, root: Path) -> Path:
     folder = root / f"shapes-{sizes.e2e_size[0]}x{sizes.e2e_size[1]}-{sizes.e2e_images}"
     if not (folder / "results.csv").exists():
-        make_shapes(folder, sizes.e2e_images, *sizes.e2e_size)
+        make_shapes(folder, sizes.e2e_images, *sizes.e2e_size, workers=os.cpu_count() or 1)
     return folder
 
 

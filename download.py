@@ -13,6 +13,7 @@ kaggle_auth.py for where). Everything found goes into DIR/prepare_report.json (s
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,8 +31,8 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
         p.error(f"--image-size must look like 128x128, got {args.image_size!r}")
     if args.num_images < 20:
         p.error(f"--num-images must be at least 20 (a train, val and test split), got {args.num_images}")
-    make_shapes(out, args.num_images, width, height, args.seed,
-                progress=lambda it: tqdm(it, desc="drawing shapes", unit="img"))
+    make_shapes(out, args.num_images, width, height, args.seed, workers=os.cpu_count() or 1,
+                progress=lambda it, total: tqdm(it, total=total, desc="drawing shapes", unit="img"))
     print(f"wrote {args.num_images} images and {5 * args.num_images} captions to {out}")
 
 

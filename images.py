@@ -7,6 +7,7 @@ use `to_square`, so both give the same pixels. Augmentation (random resized crop
 batches on the device, so the CPU only ever copies bytes.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -185,7 +186,7 @@ def crop_resize(pixels: torch.Tensor, boxes: torch.Tensor, out_size: int, mean, 
     """
     S = pixels.shape[1]
     x = pixels.permute(0, 3, 1, 2).float()  # (B, 3, S, S)
-    x0, y0, w, h = boxes.to(device=x.device, dtype=torch.float32).unbind(1)  # each (B,)
+    x0, y0, w, h = boxes.to(x.device, non_blocking=True).float().unbind(1)  # each (B,)
     steps = (torch.arange(out_size, device=x.device, dtype=torch.float32) + 0.5) / out_size  # (out,)
 
     def sample_at(start, length):  # pixel coordinates (B, out) -> grid_sample's [-1, 1] (align_corners=False)
@@ -196,9 +197,15 @@ def crop_resize(pixels: torch.Tensor, boxes: torch.Tensor, out_size: int, mean, 
     gx, gy = sample_at(x0, w), sample_at(y0, h)
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (B, out, out, 2)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, 3, out, out)
-    mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    mean, std = _normalisation(tuple(mean), tuple(std), x.device)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, device: torch.device):
+    """(1, 3, 1, 1) mean and std in 0-255 units, made once per device (a fresh host-to-device copy every step
+    would make the host wait for the GPU)."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255 for v in (mean, std))
 
 
 def reference_crop_resize(square: np.ndarray, box, out_size: int, mean, std) -> np.ndarray:

@@ -8,6 +8,7 @@ description. Captions mix full descriptions, synonyms, other word orders and par
 
 import math
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,16 +129,22 @@ def draw(background: str, things, width: int, height: int, rng: random.Random, s
     return img.resize((width, height), Image.Resampling.LANCZOS) if supersample > 1 else img
 
 
+def _draw_one(job) -> None:
+    path, background, things, width, height, seed, quality = job
+    draw(background, things, width, height, random.Random(seed)).save(path, quality=quality)
+
+
 def make_shapes(out_dir, num_images: int = 6000, width: int = 128, height: int = 128, seed: int = 0,
-                quality: int = 90, progress=None) -> Path:
-    """Draw the set into `out_dir` (images/ + results.csv). Deterministic for a given seed and size."""
+                quality: int = 90, workers: int = 0, progress=None) -> Path:
+    """Draw the set into `out_dir` (images/ + results.csv), in `workers` processes. Deterministic for a given seed
+    and size: scenes and captions come from one seeded stream, each picture's jitter from its own seed."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     seen = set()
     rows = ["image_name| comment_number| comment"]
-    indices = range(num_images) if progress is None else progress(range(num_images))
-    for i in indices:
+    jobs = []
+    for i in range(num_images):
         for _ in range(1000):
             background, things = sample_scene(rng)
             key = scene_key(background, things)
@@ -147,7 +154,13 @@ def make_shapes(out_dir, num_images: int = 6000, width: int = 128, height: int =
             raise RuntimeError(f"could not find {num_images} distinct scenes; ask for fewer images")
         seen.add(key)
         name = f"{1000000 + i}.jpg"
-        draw(background, things, width, height, rng).save(out / "images" / name, quality=quality)
+        jobs.append((out / "images" / name, background, things, width, height, seed * 1_000_003 + i, quality))
         rows += [f"{name}| {j}| {c}" for j, c in enumerate(captions(background, things, rng))]
-    (out / "results.csv").write_text("\n".join(rows) + "\n")
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    done = pool.map(_draw_one, jobs, chunksize=64) if pool else map(_draw_one, jobs)
+    for _ in (progress(done, total=len(jobs)) if progress else done):
+        pass
+    if pool:
+        pool.shutdown()
+    (out / "results.csv").write_text("\n".join(rows) + "\n")  # last: its presence means the set is complete
     return out
