@@ -205,7 +205,7 @@ def bench_open_clip(sizes: Sizes, device, dtype):
             model.logit_scale.clamp_(0, np.log(100))
 
     flops = step_flops(lambda: forward().backward()) / sizes.batch
-    return [row("b", "open_clip CustomTextCLIP, bf16", throughput(step, sizes.batch, sizes, device), flops,
+    return [row("b", f"open_clip CustomTextCLIP, {str(dtype).split('.')[-1]}", throughput(step, sizes.batch, sizes, device), flops,
                 sizes.batch)]
 
 
@@ -311,11 +311,14 @@ def bench_pipeline(sizes: Sizes, device, folder: Path, cache: str, batch: int):
         b = next(loader)
         pixels(b["pixels"], b["boxes"], device)
 
-    return throughput(step, batch, sizes, device)
+    rate = throughput(step, batch, sizes, device)
+    what = "cached squares" if cache == "on" else "decoding JPEGs"
+    return {"section": "e", "name": f"input pipeline, {what}", "images_s": rate,
+            "text": f"{rate:,.0f} images/s ({sizes.workers} workers)"}
 
 
 def bench_eval(sizes: Sizes, device, dtype, folder: Path):
-    """Seconds to embed eval_images images with 5 captions each and compute recall (the model is untrained)."""
+    """Time to embed eval_images images with 5 captions each and compute recall (the model is untrained)."""
     cfg = our_config(sizes, sizes.batch, False, 32)
     raw, _, _, _ = our_model(cfg, sizes, device, dtype)
     pixels = Pixels.for_encoder(raw.image_encoder.data_config, cfg.image_size, cfg.channels_last)
@@ -329,7 +332,10 @@ def bench_eval(sizes: Sizes, device, dtype, folder: Path):
     start = time.perf_counter()
     metrics = evaluate(raw, split, data.source, pixels, tokenizer.pad_token_id, device, dtype, 1024)
     sync(device)
-    return time.perf_counter() - start, metrics["n_images"], metrics["n_captions"]
+    seconds = time.perf_counter() - start
+    return {"section": "f", "name": "evaluation", "seconds": seconds, "images": metrics["n_images"],
+            "captions": metrics["n_captions"], "text": f"{metrics['n_images']} images + {metrics['n_captions']} "
+            f"captions embedded and ranked in {seconds:.2f} s"}
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -358,13 +364,16 @@ def main(argv=None) -> dict:
     folder = flickr_sized_shapes(sizes, Path(args.data_root))
 
     S, B, T, short = sizes.batch, sizes.big_batch, sizes.tokens, sizes.short_tokens
+    # cheap sections first, so a time limit costs the compiled ones (a minute or more to compile each)
     sections = [
         ("tutorial", lambda: bench_tutorial(sizes, device)),
         ("open_clip", lambda: bench_open_clip(sizes, device, dtype)),
         ("eager", lambda: bench_ours(sizes, device, dtype, S, T, False)),
+        ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
+        ("pipeline", lambda: [bench_pipeline(sizes, device, folder, cache, S) for cache in ("on", "off")]),
+        ("eval", lambda: [bench_eval(sizes, device, dtype, folder)]),
         ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True)),
         ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, short, True)),
-        ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
     ]
     baselines = {}
     for tag, fn in sections:
@@ -380,37 +389,22 @@ def main(argv=None) -> dict:
             results["rows"][tag] = {"error": f"{type(e).__name__}: {e}"}
             continue
         for r in measured:
+            results["rows"][r["name"]] = r
+            if "samples_s" not in r:
+                print(f"({r['section']}) {r['name']}: {r['text']}", flush=True)
+                continue
             if device.type == "cuda":
                 r["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             r["mfu"] = r["gflop_per_sample"] * 1e9 * r["samples_s"] / peak
             if tag in ("tutorial", "open_clip"):
                 baselines[tag] = r["samples_s"]
             r.update({f"vs_{k}": r["samples_s"] / v for k, v in baselines.items()})
-            results["rows"][r["name"]] = r
             ratios = ", ".join(f"{r['samples_s'] / v:.2f}x {k}" for k, v in baselines.items())
             print(f"({r['section']}) {r['name']}: {r['samples_s']:,.0f} samples/s ({ratios}), "
                   f"{r['gflop_per_sample']:.1f} GFLOP/sample, MFU {100 * r['mfu']:.1f}%"
                   + (f", peak memory {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""), flush=True)
-
-    for cache in ("on", "off"):
-        if f"pipeline_{cache}" in skip:
-            continue
-        try:
-            rate = bench_pipeline(sizes, device, folder, cache, S)
-            results["rows"][f"input pipeline, cache {cache}"] = {"section": "e", "images_s": rate}
-            print(f"(e) input pipeline, {'cached squares' if cache == 'on' else 'JPEG decoding'}, "
-                  f"{sizes.workers} workers: {rate:,.0f} images/s", flush=True)
-        except Exception as e:
-            print(f"(e) input pipeline, cache {cache}: FAILED {type(e).__name__}: {e}")
-    if "eval" not in skip:
-        try:
-            seconds, n_img, n_cap = bench_eval(sizes, device, dtype, folder)
-            results["rows"]["evaluation"] = {"section": "f", "seconds": seconds, "images": n_img, "captions": n_cap}
-            print(f"(f) evaluation: {n_img} images + {n_cap} captions embedded and ranked in {seconds:.2f} s")
-        except Exception as e:
-            print(f"(f) evaluation: FAILED {type(e).__name__}: {e}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.json:  # after every section: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
     return results
 
 
