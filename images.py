@@ -174,7 +174,8 @@ def sample_boxes(generator: torch.Generator, n: int, size: int, scale_min: float
 
 
 def full_boxes(n: int, size: int) -> torch.Tensor:
-    return torch.tensor([[0.0, 0.0, size, size]]).expand(n, 4)
+    """(n, 4) boxes covering the whole square (a real copy: the loader pins it, and pinning refuses views)."""
+    return torch.tensor([[0.0, 0.0, size, size]]).repeat(n, 1)
 
 
 def crop_resize(pixels: torch.Tensor, boxes: torch.Tensor, out_size: int, mean, std) -> torch.Tensor:
