@@ -73,8 +73,8 @@ def curves_figure(rows: list[dict]) -> Figure:
             line(recall, f"val_{direction}_R@{k}", f"{name} R@{k}", color=colour, linestyle=dash)
     recall.set(title="validation recall", xlabel="epoch", ylabel="recall (%)", ylim=(0, 101))
     line(scale, "logit_scale", "exp(logit scale)", color="tab:green")
-    scale.axhline(math.exp(MAX_LOGIT_SCALE), color="grey", linestyle="--", linewidth=1, label="clamp (CLIP paper)")
-    scale.set(title="temperature", xlabel="epoch", ylabel="logit scale = 1 / temperature")
+    scale.set(title=f"temperature (logit scale, at most {math.exp(MAX_LOGIT_SCALE):.0f})", xlabel="epoch",
+              ylabel="logit scale = 1 / temperature")
     for ax in (loss, recall, scale):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
