@@ -1,0 +1,92 @@
+"""plots.py: curves from a metrics log however short or half-written, and the retrieval pictures' markings."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import plots
+
+
+def hit(rank, row, item, score, match):  # the fields of search.Hit that the pictures read
+    return SimpleNamespace(rank=rank, row=row, item=item, score=score, match=match)
+
+
+def epoch(n: int) -> dict:
+    recall = {f"val_{d}_R@{k}": min(100.0, 10.0 * n * k ** 0.5) for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    return {"epoch": n, "step": 10 * n, "train_loss": 3.0 / n, "logit_scale": 14.0 + n, "lr_scale": 1.0,
+            "seconds": 1.0, "val_loss": 2.5 / n, "val_mean_recall": 10.0 * n, **recall}
+
+
+def write_log(run_dir, rows, tail: str = "") -> None:
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_curves_plot_every_logged_value(tmp_path):
+    rows = [epoch(n) for n in (1, 2, 3)]
+    loss, recall, scale = plots.curves_figure(rows).axes
+    assert [list(line.get_ydata()) for line in loss.get_lines()] == [[r["train_loss"] for r in rows],
+                                                                      [r["val_loss"] for r in rows]]
+    assert len(recall.get_lines()) == 6
+    assert list(recall.get_lines()[5].get_ydata()) == [r["val_t2i_R@10"] for r in rows]
+    assert list(scale.get_lines()[0].get_ydata()) == [r["logit_scale"] for r in rows]
+
+
+def test_curves_png_from_one_epoch_and_a_half_written_line(tmp_path):
+    write_log(tmp_path, [epoch(1)], tail='{"epoch": 2, "step": 20, "train_lo')
+    assert plots.read_metrics(tmp_path) == [epoch(1)]
+    path = plots.plot_curves(tmp_path)
+    assert path == tmp_path / "curves.png"
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width > 500
+
+
+def test_plot_curves_never_raises(tmp_path, capsys):
+    assert plots.plot_curves(tmp_path / "no-such-run") is None  # no metrics yet
+    assert "could not draw" in capsys.readouterr().out
+    write_log(tmp_path, [], tail="garbage\n\n")
+    assert plots.plot_curves(tmp_path) is None and not (tmp_path / "curves.png").exists()
+    write_log(tmp_path, [{"epoch": 1}])  # a line without any value still draws (empty panels)
+    assert plots.plot_curves(tmp_path) == tmp_path / "curves.png"
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    paths = []
+    for i in range(4):
+        ramp = np.linspace(0, 255, 600, dtype=np.uint8)
+        img = np.stack([np.tile(ramp, (400, 1)), np.full((400, 600), 60 * i, np.uint8), np.tile(ramp[::-1], (400, 1))],
+                       axis=-1)
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(img).save(paths[-1])  # 600 x 400: drawn as a thumbnail whatever the size
+    return paths
+
+
+def test_text_to_image_grid_frames_the_true_match(pictures, tmp_path):
+    hits = [hit(r + 1, r, str(p), 0.9 - 0.1 * r, r == 2) for r, p in enumerate(pictures)]
+    fig = plots.text_to_image_figure("a red circle " * 12, hits, columns=3)
+    axes = fig.axes
+    assert "“a red circle" in fig._suptitle.get_text() and "\n" in fig._suptitle.get_text()  # wrapped
+    assert axes[2].get_title().startswith("3. score 0.700") and "true match" in axes[2].get_title()
+    assert axes[2].spines["left"].get_edgecolor()[:3] == pytest.approx((0x1a / 255, 0x96 / 255, 0x41 / 255))
+    assert "true match" not in axes[0].get_title()
+    assert not axes[5].axison  # the unused cells of the grid are blank
+    path = plots.save_figure(fig, tmp_path / "grid.jpg")
+    assert 0 < path.stat().st_size < 300_000 and Image.open(path).format == "JPEG"
+
+
+def test_image_to_text_panel_wraps_and_marks_captions(pictures):
+    long = "a large red square in the top left, a small pink cross at the top and a large pink triangle at the bottom"
+    hits = [hit(1, 0, long, 0.5, True), hit(2, 9, "a blue star", 0.4, False)]
+    texts = [t.get_text() for t in plots.image_to_text_figure(pictures[0], hits).axes[1].texts]
+    assert texts[0].startswith("1. ✓ a large red square") and "\n" in texts[0]
+    assert texts[1] == "0.500" and texts[2].startswith("2.") and "✓" not in texts[2]
+    assert any("own captions" in t for t in texts)
+
+
+def test_save_figure_names_the_formats(tmp_path):
+    with pytest.raises(ValueError, match=r"\.jpg, \.jpeg or \.png"):
+        plots.save_figure(plots.curves_figure([epoch(1)]), tmp_path / "x.gif")

@@ -1,0 +1,240 @@
+"""search.py on a tiny model trained here: ranking against a second computation, index reuse and rebuild, folders of
+your own images, the pictures, and the error messages."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import search
+import train
+from conftest import TINY
+from evaluate import retrieval_metrics
+
+JPEG_LIMIT = 300_000  # bytes: results/ pictures must stay small enough for a README
+
+
+def tiny_run(tmp_path_factory, shapes_dir):
+    """One tiny model trained on the shapes fixture, shared by the search and notebook tests of a session."""
+    run = tmp_path_factory.getbasetemp() / "search-tiny-run"
+    if not (run / "best" / "checkpoint.json").exists():
+        train.main(TINY + ["--data-dir", str(shapes_dir), "--run-dir", str(run), "--epochs", "3"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, shapes_dir):
+    return tiny_run(tmp_path_factory, shapes_dir)
+
+
+@pytest.fixture(scope="module")
+def searcher(run):
+    return search.load_searcher(run / "best", "cpu")
+
+
+@pytest.fixture(scope="module")
+def index(searcher, shapes_dir):
+    return search.dataset_index(searcher, shapes_dir, "test")
+
+
+def copy_data(src, dst):
+    """A private copy of a data folder, for tests that change files (the fixture's is shared)."""
+    return shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache", "tokenizer"))
+
+
+def test_top_k_ranks_by_cosine_and_bounds_k():
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]]), dim=1)
+    query = torch.nn.functional.normalize(torch.tensor([1.0, 1.0]), dim=0)
+    ranked = search.top_k(query, emb, 3)
+    assert [row for row, _ in ranked] == [1, 0, 2] or [row for row, _ in ranked] == [1, 2, 0]  # rows 0, 2 tie
+    assert ranked[0][1] == pytest.approx((0.6 + 0.8) / 2 ** 0.5)
+    for k in (0, 5):
+        with pytest.raises(ValueError, match="between 1 and the 4 items"):
+            search.top_k(query, emb, k)
+
+
+def test_index_holds_the_split_as_evaluation_sees_it(index, run, shapes_dir):
+    assert index.image_emb.shape[0] == len(index.paths) == 40
+    assert index.text_emb.shape[0] == len(index.captions) == len(index.caption_image) == 200
+    assert all(os.path.isfile(p) for p in index.paths)
+    assert torch.allclose(index.image_emb.norm(dim=1), torch.ones(40), atol=1e-5)
+    # training evaluated the best checkpoint on the same split through the image cache; the index decodes the files
+    ours = retrieval_metrics(index.image_emb, index.text_emb, index.caption_image)
+    theirs = json.loads((run / "test_metrics.json").read_text())
+    for key in ["i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "t2i_R@10"]:
+        assert ours[key] == pytest.approx(theirs[key], abs=1.0), key
+
+
+def test_queries_embed_exactly_as_the_index_does(searcher, index):
+    """A query caption or image goes through the same path as the collection, so self-similarity is exact."""
+    for c in (0, 57, 199):
+        assert torch.allclose(search.embed_text(searcher, index.captions[c]), index.text_emb[c], atol=1e-4)
+    for i in (0, 21):
+        assert torch.allclose(search.embed_image(searcher, index.paths[i]), index.image_emb[i], atol=1e-4)
+
+
+def test_text_search_ranks_the_captioned_image(searcher, index):
+    """Test captions as queries: their images are marked, and the hit rate is evaluation's text -> image recall."""
+    queries = list(range(0, len(index.captions), 4))  # 50: every 4th caption, so all five styles appear
+    found = 0
+    for c in queries:
+        hits = search.search_text(searcher, index, index.captions[c], k=5)
+        assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+        # short captions ("a picture with a large red circle") can describe several images: all of them match
+        own = {int(index.caption_image[d]) for d, other in enumerate(index.captions) if other == index.captions[c]}
+        assert [h.match for h in hits] == [h.row in own for h in hits]
+        assert all(h.item == index.paths[h.row] for h in hits)
+        found += int(index.caption_image[c]) in [h.row for h in hits]
+    recall = retrieval_metrics(index.image_emb, index.text_emb[queries], index.caption_image[queries])["t2i_R@5"]
+    assert 100 * found / len(queries) == pytest.approx(recall, abs=2.0)  # one query may flip on a near tie
+    assert recall > 40  # chance is 5 of 40 images, 12.5%: the tiny model has learnt something
+
+
+def test_image_search_marks_the_images_own_captions(searcher, index, tmp_path):
+    """Images as queries: own captions are marked, and the best caption is the naive argmax over all captions."""
+    for i in range(0, 40, 4):
+        hits = search.search_image(searcher, index, index.paths[i], k=5)
+        own = set((index.caption_image == i).nonzero().flatten().tolist())
+        assert [h.match for h in hits] == [h.row in own for h in hits]
+        assert [h.item for h in hits] == [index.captions[h.row] for h in hits]
+        assert hits[0].row == int((index.text_emb @ index.image_emb[i]).argmax())
+    stranger = shutil.copy(index.paths[7], tmp_path / "copy.jpg")  # same pixels, but not an image of the index
+    hits = search.search_image(searcher, index, stranger, k=5)
+    assert [h.row for h in hits] == [h.row for h in search.search_image(searcher, index, index.paths[7], k=5)]
+    assert not any(h.match for h in hits)
+
+
+def test_index_is_reused_until_an_image_or_caption_changes(searcher, shapes_dir, tmp_path, monkeypatch):
+    data = copy_data(shapes_dir, tmp_path / "data")
+    first = search.dataset_index(searcher, data)
+    assert first.built and first.file.parent == searcher.folder
+    stamp = first.file.stat().st_mtime_ns
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("the index was embedded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(search, "embed_images", no_embedding)
+        again = search.dataset_index(searcher, data)
+    assert not again.built and again.file.stat().st_mtime_ns == stamp
+    assert torch.equal(again.image_emb, first.image_emb) and again.captions == first.captions
+
+    touched = first.paths[3]
+    os.utime(touched, ns=(os.stat(touched).st_atime_ns, os.stat(touched).st_mtime_ns + 10**9))
+    assert search.dataset_index(searcher, data).built
+    assert not search.dataset_index(searcher, data).built
+
+    csv = data / "results.csv"
+    caption = first.captions[0]
+    csv.write_text(csv.read_text().replace(f"| {caption}\n", "| a caption that was rewritten\n", 1))
+    rebuilt = search.dataset_index(searcher, data)
+    assert rebuilt.built and "a caption that was rewritten" in rebuilt.captions
+
+
+def test_index_is_rebuilt_for_a_changed_checkpoint(run, shapes_dir, tmp_path):
+    ckpt = shutil.copytree(run / "best", tmp_path / "ckpt", ignore=shutil.ignore_patterns("index-*", "training_*"))
+    assert search.dataset_index(search.load_searcher(ckpt, "cpu"), shapes_dir).built
+    assert not search.dataset_index(search.load_searcher(ckpt, "cpu"), shapes_dir).built
+    weights = ckpt / "model.safetensors"
+    os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10**9))
+    assert search.dataset_index(search.load_searcher(ckpt, "cpu"), shapes_dir).built
+
+
+def test_a_folder_of_your_own_images(searcher, index, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "holiday").mkdir(parents=True)
+    (folder / ".thumbnails").mkdir()
+    for i in range(4):
+        shutil.copy(index.paths[i], folder / f"{i}.jpg")
+    Image.open(index.paths[4]).resize((300, 170)).save(folder / "holiday" / "wide.PNG")  # any size, any case
+    shutil.copy(index.paths[5], folder / ".thumbnails" / "hidden.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+
+    built = search.folder_index(searcher, folder)
+    assert "skipping 1 files" in capsys.readouterr().out
+    names = [os.path.relpath(p, folder) for p in built.paths]
+    assert names == ["0.jpg", "1.jpg", "2.jpg", "3.jpg", os.path.join("holiday", "wide.PNG")]
+    assert built.built and built.captions == [] and built.text_emb.shape[0] == 0
+    assert torch.allclose(built.image_emb[:4], index.image_emb[:4], atol=1e-4)  # same pixels, same embeddings
+
+    assert not search.folder_index(searcher, folder).built
+    shutil.copy(index.paths[6], folder / "holiday" / "new.jpg")
+    grown = search.folder_index(searcher, folder)
+    assert grown.built and len(grown.paths) == 6
+
+    caption = index.captions[int((index.caption_image == 2).nonzero()[0])]
+    hits = search.search_text(searcher, grown, caption, k=6)
+    assert sorted(h.item for h in hits) == sorted(grown.paths) and not any(h.match for h in hits)
+    with pytest.raises(ValueError, match="has none"):
+        search.search_image(searcher, grown, index.paths[0])
+
+
+def test_command_prints_ranks_and_draws_pictures(run, shapes_dir, tmp_path, capsys):
+    base = ["--checkpoint", str(run / "best"), "--data-dir", str(shapes_dir), "--device", "cpu"]
+    hits = search.main(base + ["--text", "a red circle", "--k", "9", "--out", str(tmp_path / "grid.jpg")])
+    printed = capsys.readouterr().out
+    assert len(hits) == 9 and "'a red circle'" in printed and "   9. " in printed
+    assert 0 < (tmp_path / "grid.jpg").stat().st_size < JPEG_LIMIT
+    assert Image.open(tmp_path / "grid.jpg").format == "JPEG"
+
+    image = search.dataset_index(search.load_searcher(run / "best", "cpu"), shapes_dir, verbose=False).paths[0]
+    hits = search.main(base + ["--image", image, "--out", str(tmp_path / "captions.png")])
+    assert len(hits) == 5 and Image.open(tmp_path / "captions.png").format == "PNG"
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(image, folder / "a.jpg")
+    shutil.copy(image, folder / "b.jpg")
+    hits = search.main(base + ["--images", str(folder), "--text", "a red circle", "--k", "2"])
+    assert {os.path.basename(h.item) for h in hits} == {"a.jpg", "b.jpg"}
+
+
+def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
+    args = ["--checkpoint", str(run / "best"), "--data-dir", str(shapes_dir), "--device", "cpu", "--make-results"]
+    written = search.main(args + [str(tmp_path / "a")])
+    names = sorted(p.name for p in written)
+    assert names == ["curves.png", "image2text_1.jpg", "image2text_2.jpg", "image2text_3.jpg",
+                     "text2image_1.jpg", "text2image_2.jpg", "text2image_3.jpg"]
+    assert all(0 < p.stat().st_size < JPEG_LIMIT for p in written)
+    again = search.main(args + [str(tmp_path / "b")])  # deterministic: the same queries draw the same pictures
+    for a, b in zip(written, again):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text", "x", "--checkpoint", "{tmp}/nothing"], "is not a checkpoint"),
+    (["--checkpoint", "{run}"], "one of the arguments --text --image --make-results is required"),
+    (["--checkpoint", "{run}", "--text", "x", "--image", "y.jpg"], "not allowed with argument"),
+    (["--checkpoint", "{run}", "--text", "  "], "--text is empty"),
+    (["--checkpoint", "{run}", "--image", "{tmp}/missing.jpg"], "no such file"),
+    (["--checkpoint", "{run}", "--images", "{tmp}", "--image", "{tmp}/x.jpg"], "--images FOLDER has none"),
+    (["--checkpoint", "{run}", "--images", "{tmp}/nowhere", "--text", "x"], "is not a folder"),
+    (["--checkpoint", "{run}", "--images", "{tmp}/empty", "--text", "x"], "holds no image files"),
+    (["--checkpoint", "{run}", "--data-dir", "{data}", "--text", "x", "--k", "41"], "between 1 and the 40 items"),
+    (["--checkpoint", "{run}", "--text", "x", "--k", "0"], "--k must be at least 1"),
+    (["--checkpoint", "{run}", "--text", "x", "--out", "{tmp}/x.gif"], "name a .jpg, .jpeg or .png file"),
+    (["--checkpoint", "{run}", "--make-results", "{tmp}", "--k", "3"], "drop --images, --k and --out"),
+])
+def test_clear_errors(argv, message, run, shapes_dir, tmp_path, capsys):
+    (tmp_path / "x.jpg").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(tmp=tmp_path, run=run / "best", data=shapes_dir) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        search.main(argv + ["--device", "cpu"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_latest_checkpoint_is_the_newest_best(tmp_path, run):
+    with pytest.raises(FileNotFoundError, match="train one with"):
+        search.latest_checkpoint(tmp_path)
+    for name, age in [("old", 100), ("new", 0)]:
+        shutil.copytree(run / "best", tmp_path / name / "best", ignore=shutil.ignore_patterns("*.safetensors"))
+        info = tmp_path / name / "best" / "checkpoint.json"
+        os.utime(info, (info.stat().st_atime - age, info.stat().st_mtime - age))
+    assert search.latest_checkpoint(tmp_path) == tmp_path / "new" / "best"
