@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test data clean
+.PHONY: venv demo test data results bench clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ data/shapes/results.csv: | venv
 demo: venv data
 	$(PY) train.py --preset shapes --data-dir data/shapes --run-dir runs/shapes --overwrite
 	$(PY) evaluate.py --checkpoint runs/shapes/best --data-dir data/shapes --split test --json runs/shapes/test.json
+
+# the README's retrieval pictures, from the demo run's best checkpoint
+results: venv
+	$(PY) search.py --checkpoint runs/shapes/best --data-dir data/shapes --make-results results
 
 test: venv
 	$(PY) -m pytest -q

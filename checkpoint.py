@@ -92,8 +92,10 @@ def unflatten_optimizer(tensors: dict, info: dict) -> dict:
 # --- writing ----------------------------------------------------------------------------------------------------
 
 def _fsync_tree(folder: Path) -> None:
+    """Flush every file to disk (and make it readable to others: safetensors writes 0600 whatever the umask)."""
     for p in folder.rglob("*"):
         if p.is_file():
+            os.chmod(p, 0o644)
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
     fsync_dir(folder)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from images import JpegSource, build_cache, full_boxes, sample_boxes
+from images import JpegSource, build_cache, find_bad_images, full_boxes, sample_boxes
 
 IMAGE_DIRS = ["images", "Images", "flickr30k_images", "flickr8k_images"]
 CAPTION_FILES = ["results.csv", "captions.txt", "captions.csv"]
@@ -268,12 +268,15 @@ class CaptionData:
                      [c for cs in caps for c in cs],
                      np.concatenate([[0], np.cumsum([len(cs) for cs in caps])]).astype(np.int64))
 
-    def open_images(self, square: int, mode: str = "auto", workers: int = 0) -> None:
-        """Attach the pixels: a cache of squares (built once) or on-the-fly decoding; drops undecodable images."""
+    def open_images(self, square: int, mode: str = "auto", workers: int = 0, verify: bool = True) -> None:
+        """Attach the pixels: a cache of squares (built once) or on-the-fly decoding; drops undecodable images
+        (found while caching, or with `verify`, by decoding every image once up front)."""
         paths = [self.image_dir / n for n in self.names]
         failed = []
         if mode == "off":
             self.source = JpegSource(paths, square)
+            if verify and not (self.data_dir / "prepare_report.json").exists():  # else prepare already checked them
+                failed = [str(self.image_dir / name) for name in find_bad_images(paths, workers)]
         else:
             try:
                 self.source, failed = build_cache(paths, square, self.data_dir / ".cache", workers)

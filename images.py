@@ -64,6 +64,19 @@ def check_image(path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
+def find_bad_images(paths: list[Path], workers: int) -> dict[str, str]:
+    """{file name: why} for every image that does not decode as training decodes it; decoding costs ~3 ms per image
+    per core, so it runs in `workers` processes."""
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    results = pool.map(check_image, paths, chunksize=64) if pool else map(check_image, paths)
+    try:
+        results = tqdm(results, total=len(paths), desc="verifying images", unit="img")
+        return {p.name: why for p, why in zip(paths, results, strict=True) if why}
+    finally:
+        if pool:
+            pool.shutdown()
+
+
 def fingerprint(paths) -> str:
     """Changes when any file is added, removed, resized or touched."""
     h = hashlib.sha1()
@@ -84,7 +97,14 @@ class JpegSource:
         return len(self.paths)
 
     def get(self, indices) -> np.ndarray:  # (B, S, S, 3) uint8
-        return np.stack([to_square(self.paths[i], self.size) for i in indices])
+        squares = []
+        for i in indices:
+            try:
+                squares.append(to_square(self.paths[i], self.size))
+            except Exception as e:  # PIL raises many kinds
+                raise ValueError(f"{self.paths[i]} could not be decoded ({type(e).__name__}: {e}); `python "
+                                 f"download.py --prepare DATA_DIR` lists broken images so training skips them") from None
+        return np.stack(squares)
 
 
 class CacheSource:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dataset import (CAPTION_FILES, IMAGE_DIRS, IMAGE_EXTS, SPLITS, check_splits, find_layout, read_captions,
                      read_json_file, split_names)
-from images import check_image, fingerprint
+from images import find_bad_images, fingerprint
 from utils import write_json
 
 REPORT = "prepare_report.json"
@@ -268,19 +268,6 @@ def read_split_file(path) -> dict[str, list[str]]:
 
 
 # --- verify and report ---
-
-def find_bad_images(paths: list[Path], workers: int) -> dict[str, str]:
-    """{file name: why} for every image that does not decode as training decodes it; decoding costs ~3 ms per image
-    per core, so it runs in `workers` processes."""
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    results = pool.map(check_image, paths, chunksize=64) if pool else map(check_image, paths)
-    try:
-        results = tqdm(results, total=len(paths), desc="verifying images", unit="img")
-        return {p.name: why for p, why in zip(paths, results, strict=True) if why}
-    finally:
-        if pool:
-            pool.shutdown()
-
 
 def count_mismatches(spec: DatasetSpec | None, image_files: int, caption_rows: int) -> list[str]:
     if spec is None:

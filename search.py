@@ -163,7 +163,7 @@ def dataset_index(s: Searcher, data_dir=None, split: str = "test", verbose: bool
     if index is None:
         if verbose:
             print(f"embedding {source}: {len(paths)} images, {len(part.captions)} captions -> {file}")
-        data.open_images(s.pixels.square, mode="off")  # decode just this split's files; no cache of the whole set
+        data.open_images(s.pixels.square, mode="off", verify=False)  # decode only this split's files, when embedding
         data.tokenize(s.tokenizer, s.cfg.max_length)
         part = data.splits[split]
         image_emb = embed_images(s.model, part, data.source, s.pixels, s.device, s.dtype, s.batch_size,

@@ -4,8 +4,9 @@
     python train.py --data-dir data/flickr30k --run-dir runs/flickr                    # the real recipe, on a GPU
     torchrun --nproc_per_node 8 train.py --data-dir data/flickr30k --run-dir runs/ddp  # many GPUs
 
-Every Config field is a flag (`python train.py --help`). RUN/ gets config.json, env.json, metrics.jsonl (one line
-per epoch), test_metrics.json, and the `last` and `best` checkpoints (see checkpoint.py).
+Every Config field is a flag (`python train.py --help`). RUN/ gets config.json, env.json (code and library versions),
+metrics.jsonl (one line per epoch), curves.png (redrawn every epoch), test_metrics.json, and the `last` and `best`
+checkpoints (see checkpoint.py).
 """
 
 import itertools
@@ -26,6 +27,7 @@ from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects
 from engine import global_mean, lr_factor, make_optimizer, train_step
 from evaluate import evaluate, format_table
 from images import Pixels
+from plots import plot_curves
 from tokenizer import load_tokenizer
 from utils import append_jsonl, pick_device, pick_precision, provenance, seed_everything, write_json
 
@@ -219,6 +221,7 @@ def train(cfg: Config, d: Dist) -> dict:
                            cfg.eval_batch_size, loss_batch_size=cfg.batch_size * d.world)
             metrics.update({f"val_{k}": v for k, v in val.items() if not k.startswith("n_")})
             append_jsonl(run_dir / "metrics.jsonl", metrics)
+            plot_curves(run_dir)
             print(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.3f}, val loss {val['loss']:.3f}, "
                   f"val R@1/5/10 i2t {val['i2t_R@1']:.1f}/{val['i2t_R@5']:.1f}/{val['i2t_R@10']:.1f} "
                   f"t2i {val['t2i_R@1']:.1f}/{val['t2i_R@5']:.1f}/{val['t2i_R@10']:.1f}, {seconds:.0f} s")

@@ -58,6 +58,7 @@ def test_run_directory_holds_config_metrics_and_checkpoints(tiny_run):
     for name in ("model.safetensors", "training_state.safetensors", "text_config.json", "tokenizer/tokenizer.json"):
         assert (run / "last" / name).exists(), name
     assert json.loads((run / "env.json").read_text())["torch"] == torch.__version__
+    assert (run / "curves.png").stat().st_size > 10_000
     assert len(list((run / "checkpoints").iterdir())) <= 2  # superseded checkpoints are deleted
 
 
