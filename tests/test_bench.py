@@ -14,7 +14,7 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
     for r in rows.values():
         if "samples_s" in r:
             assert r["samples_s"] > 0 and r["gflop_per_sample"] > 0 and 0 < r["mfu"]
-            assert r["vs_tutorial"] > 0 and r["vs_open_clip"] > 0
+            assert r["vs_tutorial"] > 0 and (r["section"] == "a" or r["vs_open_clip"] > 0)
     assert {"input pipeline, cached squares", "input pipeline, decoding JPEGs", "evaluation"} <= set(rows)
     assert json.loads((tmp_path / "b.json").read_text())["rows"].keys() == rows.keys()
     out = capsys.readouterr().out
