@@ -205,8 +205,8 @@ def bench_open_clip(sizes: Sizes, device, dtype):
             model.logit_scale.clamp_(0, np.log(100))
 
     flops = step_flops(lambda: forward().backward()) / sizes.batch
-    return [row("b", f"open_clip CustomTextCLIP, {str(dtype).split('.')[-1]}", throughput(step, sizes.batch, sizes, device), flops,
-                sizes.batch)]
+    name = f"open_clip CustomTextCLIP, {str(dtype).split('.')[-1]}"
+    return [row("b", name, throughput(step, sizes.batch, sizes, device), flops, sizes.batch)]
 
 
 # --- (c) this project's step --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class Config:
     # --- data ---
     data_dir: str = "data/flickr30k"  # Flickr30k layout, Flickr8k, or your own (README, "Data")
     run_dir: str = ""  # where config, metrics and checkpoints go; empty = runs/<date>-<time>
-    image_cache: CacheMode = "auto"  # decode every image once into a uint8 memmap (fast); "auto" = when the disk has room
+    image_cache: CacheMode = "auto"  # decode each image once into a uint8 memmap (fast); auto: if the disk has room
     num_workers: int = 4  # data-loading processes; the cached path needs few, JPEG decoding needs many
 
     # --- image tower ---

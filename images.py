@@ -102,8 +102,8 @@ class JpegSource:
             try:
                 squares.append(to_square(self.paths[i], self.size))
             except Exception as e:  # PIL raises many kinds
-                raise ValueError(f"{self.paths[i]} could not be decoded ({type(e).__name__}: {e}); `python "
-                                 f"download.py --prepare DATA_DIR` lists broken images so training skips them") from None
+                raise ValueError(f"{self.paths[i]} could not be decoded ({type(e).__name__}: {e}); `python download.py"
+                                 f" --prepare DATA_DIR` lists broken images so training skips them") from None
         return np.stack(squares)
 
 

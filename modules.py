@@ -54,7 +54,8 @@ class ImageEncoder(nn.Module):
         return self.model(images)
 
 
-def build_text_config(name: str, pretrained: bool, layers: int, width: int, heads: int, vocab_size: int, max_length: int):
+def build_text_config(name: str, pretrained: bool, layers: int, width: int, heads: int, vocab_size: int,
+                      max_length: int):
     """The transformers config of the text tower: a Hub model's own (pretrained), or, for random init, a model
     type's defaults ("distilbert") or a Hub model's architecture with the requested depth/width/heads and the
     tokenizer's vocabulary."""
