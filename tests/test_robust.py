@@ -151,3 +151,25 @@ def test_loading_into_another_architecture_says_what_differs(tiny_run):
     other = CLIPModel(checkpoint.Config(**{**cfg.to_dict(), "projection_dim": 32}), len(tokenizer))
     with pytest.raises(ValueError, match=r"of another shape.*image_projection"):
         checkpoint.load_weights(other, run / "best" / "model.safetensors")
+
+
+def test_checkpoint_round_trip_gives_identical_embeddings(tiny_run, tmp_path):
+    run, _ = tiny_run
+    model, cfg, tokenizer = checkpoint.load_model(run / "best")
+    checkpoint.save_checkpoint(tmp_path, ["best"], model, cfg, tokenizer, {"step": 7}, {})
+    again, cfg_again, tokenizer_again = checkpoint.load_model(tmp_path / "best")
+    assert cfg_again == cfg and tokenizer_again.get_vocab() == tokenizer.get_vocab()
+    images = torch.randn(3, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    tokens = tokenizer(["a red circle on a white background", "two shapes"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), again.encode_image(images))
+        assert torch.equal(model.encode_text(tokens["input_ids"], tokens["attention_mask"]),
+                           again.encode_text(tokens["input_ids"], tokens["attention_mask"]))
+        assert not torch.equal(model.encode_image(images), model.encode_image(images.flip(0)))  # not a constant
+
+
+def test_an_image_size_the_model_cannot_take_fails_before_any_work(tiny_shapes_dir, tmp_path):
+    with pytest.raises(ValueError, match="--image-size 8 does not fit --image-model vit_tiny_patch16_224"):
+        train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"),
+                           "--image-model", "vit_tiny_patch16_224", "--image-size", "8"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
