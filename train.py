@@ -57,7 +57,8 @@ def prepare_run_dir(cfg: Config, d: Dist) -> Path:
     run_dir = Path(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     run_dir = Path(broadcast_object(str(run_dir), d))
     if d.main:
-        has_run = (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists()
+        # a start that failed before training (a bad flag, no data) left only config.json: nothing to lose there
+        has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
         if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
             raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
         if has_run and not cfg.resume:

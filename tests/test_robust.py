@@ -173,3 +173,5 @@ def test_an_image_size_the_model_cannot_take_fails_before_any_work(tiny_shapes_d
         train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"),
                            "--image-model", "vit_tiny_patch16_224", "--image-size", "8"])
     assert not (tmp_path / "run" / "checkpoints").exists()
+    train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()  # the failed start did not block the folder
