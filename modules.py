@@ -96,23 +96,39 @@ class TextEncoder(nn.Module):
         super().__init__()
         if pretrained:
             try:
-                self.model = AutoModel.from_pretrained(name, attn_implementation="sdpa")
+                self.model = _with_sdpa(AutoModel.from_pretrained, name)
             except (OSError, ValueError) as e:
                 raise hub_error(name, "text model", "--no-text-pretrained --text-model distilbert", e) from None
             if self.model.config.vocab_size < vocab_size:
                 raise ValueError(f"the tokenizer has {vocab_size} tokens but {name} only {self.model.config.vocab_size}"
                                  f" embeddings; use the model's own tokenizer (--tokenizer '')")
         else:
-            self.model = AutoModel.from_config(config, attn_implementation="sdpa")
+            self.model = _with_sdpa(AutoModel.from_config, config)
+        # PyTorch's fused attention (SDPA) where the architecture has it; its own attention code otherwise
+        self.sdpa = self.model.config._attn_implementation == "sdpa"
         self.pooling = pooling
         self.out_dim = self.model.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        # Given a 2-D mask, transformers first asks the host whether any token is padding (`mask.all()`, a device
+        # sync in every eager step); a ready (B, 1, 1, L) boolean mask goes to SDPA as it is, with the same result.
+        mask = attention_mask[:, None, None, :].bool() if self.sdpa else attention_mask
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, H)
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _with_sdpa(build, arg):
+    """build(arg) with PyTorch's fused attention (SDPA); an architecture without that path (e.g. DeBERTa-v2) keeps
+    its own attention."""
+    try:
+        return build(arg, attn_implementation="sdpa")
+    except ValueError as e:
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        return build(arg, attn_implementation="eager")
 
 
 class ProjectionHead(nn.Module):

@@ -1,0 +1,91 @@
+"""The training step's device work never waits on the host, and the shortcuts that make it so change no number."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoConfig
+
+from clip import CLIPModel, clip_loss
+from config import Config
+from images import Pixels
+from modules import TextEncoder
+
+# the ops that copy a device value to the host: .item(), bool(tensor), nonzero with its data-dependent size
+HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+              torch.ops.aten.nonzero.default}
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that would make the host wait for a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_config(**overrides) -> Config:
+    return Config(**{**dict(image_model="resnet10t", image_pretrained=False, image_size=32, text_model="distilbert",
+                            text_pretrained=False, text_layers=2, text_width=64, text_heads=2, tokenizer="local",
+                            max_length=16, projection_dim=32), **overrides})
+
+
+def padded_tokens(batch=4, length=16, vocab=500):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, 9:] = 0
+    mask[2, 3:] = 0
+    return ids * mask, mask
+
+
+def test_forward_and_backward_of_a_training_step_never_read_a_device_value_on_the_host():
+    """With transformers' 2-D mask path this finds its `mask.all()` check: one sync per eager step."""
+    cfg = tiny_config()
+    model = CLIPModel(cfg, 500).train()
+    pixels = Pixels(32, 36, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), channels_last=True)
+    squares = torch.randint(0, 256, (4, 36, 36, 3), dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, 36, 36], [2, 3, 30, 33], [0, 1, 35, 34], [4, 4, 32, 32]])
+    ids, mask = padded_tokens()
+    with HostReads() as reads:
+        images = pixels(squares, boxes, torch.device("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            image_emb, text_emb, scale = model(images, ids, mask)
+        loss = clip_loss(image_emb, text_emb, scale)
+        loss.backward()
+    assert reads.ops == []
+    assert all(p.grad is not None for p in model.text_encoder.parameters() if p.requires_grad)
+
+
+def test_the_ready_made_attention_mask_gives_what_transformers_gives_for_the_plain_mask():
+    for model_type in ("distilbert", "bert", "roberta"):
+        if model_type == "distilbert":
+            config = AutoConfig.for_model(model_type, n_layers=2, dim=64, n_heads=2, hidden_dim=128, vocab_size=500)
+        else:
+            config = AutoConfig.for_model(model_type, num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                          intermediate_size=128, vocab_size=500)
+        torch.manual_seed(0)
+        encoder = TextEncoder(model_type, False, "mean", 500, config).eval()
+        assert encoder.sdpa
+        ids, mask = padded_tokens()
+        with torch.no_grad():
+            ours = encoder(ids, mask)
+            hidden = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state  # transformers' own path
+            reference = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            unmasked = encoder.model(input_ids=ids).last_hidden_state.mean(1)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(ours[0], unmasked[0], atol=1e-3)  # the mask really is applied
+
+
+def test_a_text_architecture_without_sdpa_builds_with_its_own_attention_and_honours_padding():
+    model = CLIPModel(tiny_config(text_model="deberta-v2"), 500).eval()
+    assert not model.text_encoder.sdpa
+    ids, mask = padded_tokens()
+    other = torch.where(mask.bool(), ids, torch.randint_like(ids, 5, 500))  # different tokens behind the padding
+    with torch.no_grad():
+        out = model.encode_text(ids, mask)
+        assert out.shape == (4, 32) and torch.isfinite(out).all()
+        torch.testing.assert_close(model.encode_text(other, mask), out)
