@@ -4,11 +4,13 @@ ratios compare like with like.
     python bench.py                     # full sizes on a GPU: resnet50 + DistilBERT-shaped text tower, 224 px
     python bench.py --tiny              # toy sizes on the CPU in about a minute (the CI smoke test)
     python bench.py --json bench.json   # also write every number
+    python bench.py --sweep             # also try variants of the compiled step (minutes each on a GPU)
 
 (a) the popular tutorial's step: fp32, batch 32, its soft-target loss, default Adam settings
 (b) open_clip's CustomTextCLIP step with the closest towers it supports: timm resnet50 + a 6-layer BERT of
     DistilBERT's width, bf16 autocast, its ClipLoss, as its training script runs it
-(c) this project's step (bf16, channels_last, fused AdamW, SDPA), eager and under torch.compile
+(c) this project's step (bf16, channels_last, fused AdamW, SDPA), eager and under torch.compile; with --sweep also
+    the compiled step's variants (CUDA graphs, inductor settings, a bigger batch)
 (d) this project's whole training loop on the built-in set drawn at Flickr's size (500x375 JPEGs): the image cache,
     data-loader workers, device-side augmentation, the step
 (e) the input pipeline alone, in images/s: cache vs decoding JPEGs
@@ -20,6 +22,7 @@ forward + backward) per second / a measured dense bf16 (CPU: fp32) matmul peak.
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import tempfile
@@ -211,11 +214,12 @@ def bench_open_clip(sizes: Sizes, device, dtype):
 
 # --- (c) this project's step --------------------------------------------------------------------------------------
 
-def our_config(sizes: Sizes, batch: int, compile_: bool, max_length: int) -> Config:
+def our_config(sizes: Sizes, batch: int, compile_: bool, max_length: int, mode: str = "default") -> Config:
     return Config(image_model=sizes.image_model, image_pretrained=False, image_size=sizes.image_size,
                   text_model="distilbert", text_pretrained=False, text_layers=sizes.text_layers,
                   text_width=sizes.text_width, text_heads=sizes.text_heads, tokenizer="local",
-                  max_length=max_length, batch_size=batch, compile=compile_, num_workers=sizes.workers)
+                  max_length=max_length, batch_size=batch, compile=compile_, compile_mode=mode,
+                  num_workers=sizes.workers)
 
 
 def our_model(cfg: Config, sizes: Sizes, device, dtype):
@@ -224,7 +228,7 @@ def our_model(cfg: Config, sizes: Sizes, device, dtype):
         raw = raw.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    model = torch.compile(raw) if cfg.compile else raw
+    model = torch.compile(raw, mode=cfg.compile_mode) if cfg.compile else raw
     return raw, model, optimizer, scaler
 
 
@@ -236,8 +240,11 @@ def our_flops(raw: CLIPModel, sizes: Sizes, tokens: int, device) -> float:
     return flops / 8
 
 
-def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: bool):
-    cfg = our_config(sizes, batch, compile_, tokens)
+def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: bool, mode: str = "default",
+               inductor: dict | None = None, label: str = ""):
+    """Our training step on one synthetic batch; `mode` and `inductor` (torch._inductor.config settings, in force
+    while it compiles) are the knobs the sweep tries."""
+    cfg = our_config(sizes, batch, compile_, tokens, mode)
     raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
     images, ids, mask = synthetic_batch(batch, sizes, tokens, device)
     if cfg.channels_last:
@@ -246,8 +253,25 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
     def step():
         train_step(model, raw, optimizer, scaler, images, ids, mask, cfg, Dist(), device, dtype, 1.0)
 
-    name = f"ours, {'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens, synthetic"
-    return [row("c", name, throughput(step, batch, sizes, device), our_flops(raw, sizes, tokens, device), batch)]
+    name = f"ours, {'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens, synthetic{label}"
+    try:
+        with torch._inductor.config.patch(inductor or {}):
+            rate = throughput(step, batch, sizes, device)
+    finally:
+        torch._dynamo.reset()  # the next variant compiles afresh (and frees this one's CUDA-graph memory)
+    return [row("c", name, rate, our_flops(raw, sizes, tokens, device), batch)]
+
+
+# Variants of the compiled step worth measuring on each new card or torch release (python bench.py --sweep), at the
+# end-to-end section's batch and caption length: (label, torch.compile mode, inductor settings, batch multiple).
+SWEEP = [  # cheapest to compile first; max-autotune can take many minutes
+    ("default mode", "default", {}, 1),
+    ("CUDA graphs (reduce-overhead)", "reduce-overhead", {}, 1),
+    ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1),
+    ("1.5x batch", "default", {}, 1.5),
+    ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1),
+    ("max-autotune, no CUDA graphs", "max-autotune-no-cudagraphs", {}, 1),
+]
 
 
 # --- (d, e, f) real data ------------------------------------------------------------------------------------------
@@ -269,8 +293,8 @@ def open_data(folder: Path, square: int, cache: str, sizes: Sizes, max_length: i
 
 
 def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, tokens: int, compile_: bool):
-    """The training loop's work per step, real data included; then the same model on one synthetic batch of the
-    same shapes, which tells what the input pipeline costs."""
+    """The training loop's work per step, real data included; then the same steps on one batch already on the
+    device (augmentation still included): the difference is what loading and the host-to-device copy cost."""
     cfg = our_config(sizes, batch, compile_, tokens)
     raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
     pixels = Pixels.for_encoder(raw.image_encoder.data_config, cfg.image_size, cfg.channels_last)
@@ -279,7 +303,7 @@ def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, toke
     batches = TrainBatches(split, data.source, batch, tokenizer.pad_token_id, 0.9, 0, drop_last=True,
                            fixed_length=tokens if compile_ else 0)
     stream = iter(batch_loader(batches, batches.run_indices(1000), sizes.workers, device.type == "cuda"))
-    first = next(stream)
+    resident = {k: v.to(device) for k, v in next(stream).items()}  # one batch already on the device
 
     def step(b=None):
         b = b or next(stream)
@@ -290,8 +314,8 @@ def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, toke
     kind = f"{'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens"
     flops = our_flops(raw, sizes, tokens, device)
     return [row("d", f"ours, end to end, {kind}", throughput(step, batch, sizes, device), flops, batch),
-            row("d", f"ours, same model, one cached batch, {kind}",
-                throughput(lambda: step(first), batch, sizes, device), flops, batch)]
+            row("d", f"ours, same steps, one batch already on the device, {kind}",
+                throughput(lambda: step(resident), batch, sizes, device), flops, batch)]
 
 
 def bench_pipeline(sizes: Sizes, device, folder: Path, cache: str, batch: int):
@@ -347,6 +371,8 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="write all results here")
     p.add_argument("--data-root", default="data/bench", help="where the Flickr-sized shapes set is drawn")
     p.add_argument("--skip", default="", help="comma-separated sections to skip, e.g. compile,open_clip")
+    p.add_argument("--sweep", action="store_true", help="also time variants of the compiled step (CUDA graphs, "
+                   "inductor settings, batch size), several minutes each on a GPU")
     args = p.parse_args(argv)
     sizes = TINY if args.tiny else FULL
     device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
@@ -375,6 +401,10 @@ def main(argv=None) -> dict:
         ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True)),
         ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, short, True)),
     ]
+    if args.sweep:
+        for label, mode, knobs, factor in SWEEP:
+            sections.append((f"sweep: {label}", functools.partial(
+                bench_ours, sizes, device, dtype, int(B * factor), short, True, mode, knobs, f", {label}")))
     baselines = {}
     for tag, fn in sections:
         if tag in skip:

@@ -14,6 +14,7 @@ from typing import Literal, get_args, get_origin
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Pooling = Literal["cls", "mean"]
 CacheMode = Literal["auto", "on", "off"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Config:
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one ("cuda:1")
     precision: Precision = "auto"  # auto: bf16 on CUDA where supported, fp16 otherwise, fp32 elsewhere
     compile: bool = False  # torch.compile the model (minutes to compile, then faster steps)
+    compile_mode: CompileMode = "default"  # torch.compile's mode: reduce-overhead adds CUDA graphs (fewer launches);
+    #                                         the max-autotune ones also search for faster kernels (longer compile)
     channels_last: bool = True  # faster convolutions on tensor cores
     eval_batch_size: int = 512
 
@@ -103,7 +106,9 @@ class Config:
         if self.num_workers > 4 * cpus:
             raise ValueError(f"--num-workers {self.num_workers} is far more than this machine's {cpus} CPUs; "
                              f"use at most {cpus}")
-        for name in ["precision", "text_pooling", "image_cache"]:
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"--compile-mode {self.compile_mode} only applies with --compile; add --compile")
+        for name in ["precision", "text_pooling", "image_cache", "compile_mode"]:
             choices = get_args(_field_types()[name])
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{flag(name)} must be one of {choices}, got {getattr(self, name)!r}")

@@ -91,8 +91,8 @@ def backward_grad_cache(model, raw: CLIPModel, images, input_ids, attention_mask
             rngs.append(_ReplayRNG(device))
             with autocast(device, dtype):
                 img, txt, _ = model(x, ids, mask)
-            image_parts.append(img)
-            text_parts.append(txt)
+            image_parts.append(img.clone())  # under CUDA graphs the next call reuses the output memory
+            text_parts.append(txt.clone())
     for b, saved in zip(raw.buffers(), buffers):
         b.copy_(saved)
     image_emb = torch.cat(image_parts).requires_grad_()

@@ -150,7 +150,7 @@ def train(cfg: Config, d: Dist) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(
             raw, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.compile_mode)
 
     def save(links, metrics=None):
         rngs = gather_objects(rng_state(), d)

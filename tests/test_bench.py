@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import bench
 
 
@@ -19,3 +21,22 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
     assert json.loads((tmp_path / "b.json").read_text())["rows"].keys() == rows.keys()
     out = capsys.readouterr().out
     assert "x tutorial" in out and "x open_clip" in out and "MFU" in out
+
+
+def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypatch):
+    """The sweep's wiring, without compiling: each variant's batch and inductor settings reach the timed step."""
+    seen = []
+
+    def fake_throughput(step, samples, sizes, device):
+        seen.append((samples, torch._inductor.config.conv_1x1_as_mm))
+        return 100.0
+
+    monkeypatch.setattr(bench, "throughput", fake_throughput)
+    monkeypatch.setattr(bench, "SWEEP", [("plain", "default", {}, 1), ("1x1 as mm", "default",
+                                                                        {"conv_1x1_as_mm": True}, 2)])
+    skip = "tutorial,open_clip,eager,e2e_eager,pipeline,eval,compile,e2e"
+    results = bench.main(["--tiny", "--sweep", "--skip", skip, "--data-root", str(tmp_path / "data")])
+    assert seen == [(bench.TINY.big_batch, False), (2 * bench.TINY.big_batch, True)]
+    assert not torch._inductor.config.conv_1x1_as_mm  # restored afterwards
+    names = [name for name in results["rows"]]
+    assert len(names) == 2 and names[0].endswith(", plain") and names[1].endswith(", 1x1 as mm"), names

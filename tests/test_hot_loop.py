@@ -1,11 +1,14 @@
 """The training step's device work never waits on the host, and the shortcuts that make it so change no number."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
 
 from clip import CLIPModel, clip_loss
 from config import Config
+from distributed import Dist
+from engine import make_optimizer, train_step
 from images import Pixels
 from modules import TextEncoder
 
@@ -58,6 +61,35 @@ def test_forward_and_backward_of_a_training_step_never_read_a_device_value_on_th
         loss.backward()
     assert reads.ops == []
     assert all(p.grad is not None for p in model.text_encoder.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (.ci/gpu-check runs it)")
+def test_a_whole_training_step_on_a_gpu_never_waits_for_it():
+    """The same on a GPU, optimizer and gradient clipping included: CUDA's sync debug mode turns any sync into an
+    error."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    cfg = tiny_config()
+    model = CLIPModel(cfg, 500).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    pixels = Pixels(32, 36, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), channels_last=True)
+    squares = torch.randint(0, 256, (4, 36, 36, 3), dtype=torch.uint8).pin_memory()
+    boxes = torch.tensor([[0, 0, 36, 36], [2, 3, 30, 33], [0, 1, 35, 34], [4, 4, 32, 32]]).pin_memory()
+    ids, mask = (t.pin_memory() for t in padded_tokens())
+
+    def step():
+        images = pixels(squares, boxes, device)
+        return train_step(model, model, optimizer, scaler, images, ids.to(device, non_blocking=True),
+                          mask.to(device, non_blocking=True), cfg, Dist(), device, dtype, 0.5)
+
+    step()  # the first step creates the optimizer's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
 
 
 def test_the_ready_made_attention_mask_gives_what_transformers_gives_for_the_plain_mask():
