@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test data results bench clean
+.PHONY: venv demo test data results bench clean gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,18 @@ results: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# Wheels that .ci/gpu-check installs on a lent GPU machine (Python 3.12, its own torch, no internet): what that
+# machine's python lacks, without dependencies it already has.
+GPU_WHEELS := albumentations albucore pydantic pydantic-core annotated-types typing-inspection simsimd stringzilla \
+	open-clip-torch ftfy wcwidth pytest pluggy iniconfig packaging pygments
+gpu-wheels: venv  # the versions this .venv has, as cp312 wheels
+	mkdir -p .whl
+	$(PY) -c "import sys, importlib.metadata as m; print(*(f'{p}=={m.version(p)}' for p in sys.argv[1:]), sep='\n')" \
+		$(GPU_WHEELS) > .whl/pins.txt
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		--platform any -d .whl -r .whl/pins.txt
 
 clean:
 	rm -rf runs/shapes data/shapes
