@@ -15,6 +15,7 @@ ratios compare like with like.
     data-loader workers, device-side augmentation, the step
 (e) the input pipeline alone, in images/s: cache vs decoding JPEGs
 (f) evaluation: embed 1,000 images and 5,000 captions and compute recall
+(g) checkpoint: how long the loop waits for a save, written in place vs by the background writer
 Synthetic batches use random pixels and token ids with caption-like lengths. MFU = model FLOPs (torch's flop counter,
 forward + backward) per second / a measured dense bf16 (CPU: fp32) matmul peak.
 """
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, DistilBertConfig, DistilBertModel
 
+from checkpoint import BackgroundWriter, capture, save_checkpoint
 from clip import CLIPModel, clip_loss
 from config import Config
 from dataset import CaptionData, Split, TrainBatches, batch_loader
@@ -362,6 +364,30 @@ def bench_eval(sizes: Sizes, device, dtype, folder: Path):
             f"captions embedded and ranked in {seconds:.2f} s"}
 
 
+def bench_checkpoint(sizes: Sizes, device, dtype, root: Path):
+    """What saving a checkpoint (weights, optimiser moments) costs the training loop: written in place, or copied
+    off the device and written by the background writer, as train.py does."""
+    cfg = our_config(sizes, 8, False, sizes.tokens)
+    raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
+    train_step(model, raw, optimizer, scaler, *synthetic_batch(8, sizes, sizes.tokens, device), cfg, Dist(), device,
+               dtype, 1.0)  # the optimiser's moments exist from the first step on
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_wordpiece(["a red circle", "a blue square"], 100, root / "checkpoint-tokenizer")
+    with tempfile.TemporaryDirectory(dir=root) as run:
+        start = time.perf_counter()
+        folder = save_checkpoint(run, ["last"], raw, cfg, tokenizer, {"step": 1}, {}, optimizer, scaler)
+        in_place = time.perf_counter() - start
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        writer = BackgroundWriter()
+        start = time.perf_counter()
+        writer.submit(capture(raw, cfg, tokenizer, {"step": 2}, {}, optimizer, scaler), run, ["last"])
+        waited = time.perf_counter() - start
+        writer.wait()
+    return {"section": "g", "name": "checkpoint", "seconds": in_place, "waited_seconds": waited, "gb": size / 1e9,
+            "text": f"{size / 1e9:.2f} GB; the loop waits {in_place:.2f} s writing it in place, {waited:.2f} s with "
+                    f"the background writer"}
+
+
 # --- report -------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
@@ -398,6 +424,7 @@ def main(argv=None) -> dict:
         ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
         ("pipeline", lambda: [bench_pipeline(sizes, device, folder, cache, S) for cache in ("on", "off")]),
         ("eval", lambda: [bench_eval(sizes, device, dtype, folder)]),
+        ("checkpoint", lambda: [bench_checkpoint(sizes, device, dtype, Path(args.data_root))]),
         ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True)),
         ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, short, True)),
     ]

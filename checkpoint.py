@@ -14,11 +14,13 @@ import json
 import os
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from clip import CLIPModel
@@ -110,46 +112,93 @@ def _point(link: Path, target: str) -> None:
     os.replace(tmp, link)
 
 
-def save_checkpoint(run_dir, links, model, cfg: Config, tokenizer, state: dict, provenance: dict,
-                    optimizer=None, scaler=None, rng=None) -> Path:
-    """Write step-<state['step']> and point each name in `links` ("last", "best") at it.
+@dataclass
+class Snapshot:
+    """Everything one checkpoint holds, copied to host memory, so training can go on while it is written."""
+    folder_name: str
+    weights: dict  # name -> tensor, as model.safetensors
+    tensors: dict  # optimiser moments and RNG states, as training_state.safetensors
+    info: dict  # checkpoint.json
+    text_config: dict
+    tokenizer: object
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in host memory: a copy even on the CPU, where training would otherwise change it under us."""
+    return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def capture(model, cfg: Config, tokenizer, state: dict, provenance: dict, optimizer=None, scaler=None,
+            rng=None) -> Snapshot:
+    """Copy a checkpoint's contents off the device (the only part the training loop waits for).
 
     state: JSON-able progress (step, epoch, batch, metrics, ...). rng: (info, tensors) of every rank's RNGs, as
     [rng_state() of rank 0, rank 1, ...]; None skips them (a weights-only checkpoint).
     """
+    weights = {k: _host_copy(v) for k, v in model.state_dict().items()}
+    tensors, info = {}, {"config": cfg.to_dict(), "state": state, "provenance": provenance}
+    if optimizer is not None:
+        opt_tensors, info["optimizer"] = flatten_optimizer(optimizer.state_dict())
+        tensors.update({k: _host_copy(v) for k, v in opt_tensors.items()})
+    if scaler is not None and scaler.is_enabled():
+        info["scaler"] = scaler.state_dict()
+    if rng is not None:
+        info["rng"] = []
+        for rank, (rng_info, rng_tensors) in enumerate(rng):
+            info["rng"].append(rng_info)
+            tensors.update({f"rng.{rank}.{k}": _host_copy(v) for k, v in rng_tensors.items()})
+    return Snapshot(f"step-{state['step']:08d}", weights, tensors, json.loads(json.dumps(info)),
+                    model.text_encoder.model.config.to_dict(), tokenizer)
+
+
+def write(snapshot: Snapshot, run_dir, links) -> Path:
+    """Write the snapshot as RUN/checkpoints/<step folder> and point each name in `links` ("last", "best") at it."""
     run_dir = Path(run_dir)
-    folder_name = f"step-{state['step']:08d}"
-    final = run_dir / CHECKPOINTS / folder_name
+    final = run_dir / CHECKPOINTS / snapshot.folder_name
     if not final.exists():
-        tmp = run_dir / CHECKPOINTS / f".{folder_name}.tmp"
+        tmp = run_dir / CHECKPOINTS / f".{snapshot.folder_name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
-        tensors, info = {}, {"config": cfg.to_dict(), "state": state, "provenance": provenance}
-        if optimizer is not None:
-            opt_tensors, info["optimizer"] = flatten_optimizer(optimizer.state_dict())
-            tensors.update(opt_tensors)
-        if scaler is not None and scaler.is_enabled():
-            info["scaler"] = scaler.state_dict()
-        if rng is not None:
-            info["rng"] = []
-            for rank, (rng_info, rng_tensors) in enumerate(rng):
-                info["rng"].append(rng_info)
-                tensors.update({f"rng.{rank}.{k}": v.cpu() for k, v in rng_tensors.items()})
-        if tensors:
-            save_file(tensors, str(tmp / "training_state.safetensors"))
-        write_json(tmp / "checkpoint.json", info)
-        write_json(tmp / "text_config.json", model.text_encoder.model.config.to_dict())
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        save_file(snapshot.weights, str(tmp / "model.safetensors"))
+        if snapshot.tensors:
+            save_file(snapshot.tensors, str(tmp / "training_state.safetensors"))
+        write_json(tmp / "checkpoint.json", snapshot.info)
+        write_json(tmp / "text_config.json", snapshot.text_config)
+        snapshot.tokenizer.save_pretrained(tmp / "tokenizer")
         _fsync_tree(tmp)
         os.replace(tmp, final)
         fsync_dir(final.parent)
     for name in links:
-        _point(run_dir / name, f"{CHECKPOINTS}/{folder_name}")
+        _point(run_dir / name, f"{CHECKPOINTS}/{snapshot.folder_name}")
     fsync_dir(run_dir)
     _collect_garbage(run_dir)
     return final
+
+
+def save_checkpoint(run_dir, links, model, cfg: Config, tokenizer, state: dict, provenance: dict,
+                    optimizer=None, scaler=None, rng=None) -> Path:
+    """capture() then write(), waiting for the disk."""
+    return write(capture(model, cfg, tokenizer, state, provenance, optimizer, scaler, rng), run_dir, links)
+
+
+class BackgroundWriter:
+    """Writes one checkpoint at a time on a thread while training goes on (a full-size checkpoint is over a
+    gigabyte, seconds of disk time per save). submit() first waits for the previous write; wait() re-raises a
+    failed write's error. The thread is joined at interpreter exit, so a started write always completes."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending = None
+
+    def submit(self, snapshot: Snapshot, run_dir, links) -> None:
+        self.wait()
+        self._pending = self._pool.submit(write, snapshot, run_dir, links)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
 
 def _collect_garbage(run_dir: Path) -> None:

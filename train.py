@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_training_state, load_weights, rng_state, save_checkpoint
+from checkpoint import BackgroundWriter, capture, load_training_state, load_weights, rng_state
 from clip import CLIPModel
 from config import Config, build_parser, config_from_args, config_from_dict, save_config
 from dataset import CaptionData, TrainBatches, batch_loader
@@ -79,13 +79,17 @@ def prepare_run_dir(cfg: Config, d: Dist) -> Path:
 def main(argv=None) -> dict:
     cfg = resolve_config(argv)
     d = init_distributed(cfg.device)
+    writer = BackgroundWriter()  # checkpoints go to disk while training goes on
     try:
-        return train(cfg, d)
+        return train(cfg, d, writer)
     finally:
-        cleanup(d)
+        try:
+            writer.wait()  # a checkpoint that was started is finished, whatever stopped the run
+        finally:
+            cleanup(d)
 
 
-def train(cfg: Config, d: Dist) -> dict:
+def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
     # --- device and run directory ---
     device = torch.device("cuda", d.local_rank) if d.enabled and cfg.device == "auto" and torch.cuda.is_available() \
         else pick_device(cfg.device)
@@ -154,9 +158,9 @@ def train(cfg: Config, d: Dist) -> dict:
 
     def save(links, metrics=None):
         rngs = gather_objects(rng_state(), d)
-        if d.main:
-            save_checkpoint(run_dir, links, raw, cfg, tokenizer, {**state, "metrics": metrics}, provenance(),
-                            optimizer, scaler, rngs)
+        if d.main:  # the copy off the device happens now; the writing in the background
+            writer.submit(capture(raw, cfg, tokenizer, {**state, "metrics": metrics}, provenance(), optimizer, scaler,
+                                  rngs), run_dir, links)
         barrier(d)
 
     # --- loop ---
@@ -234,6 +238,7 @@ def train(cfg: Config, d: Dist) -> dict:
 
     # --- final evaluation of the best checkpoint on the test split ---
     if d.main:
+        writer.wait()
         load_weights(raw, run_dir / "best" / "model.safetensors")
         test = evaluate(raw, data.splits["test"], data.source, pixels, tokenizer.pad_token_id, device, dtype,
                         cfg.eval_batch_size)

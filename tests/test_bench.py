@@ -12,12 +12,13 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
     rows = results["rows"]
     assert not [name for name, r in rows.items() if "error" in r], rows
     sections = sorted({r["section"] for r in rows.values()})
-    assert sections == ["a", "b", "c", "d", "e", "f"]
+    assert sections == ["a", "b", "c", "d", "e", "f", "g"]
     for r in rows.values():
         if "samples_s" in r:
             assert r["samples_s"] > 0 and r["gflop_per_sample"] > 0 and 0 < r["mfu"]
             assert r["vs_tutorial"] > 0 and (r["section"] == "a" or r["vs_open_clip"] > 0)
-    assert {"input pipeline, cached squares", "input pipeline, decoding JPEGs", "evaluation"} <= set(rows)
+    assert {"input pipeline, cached squares", "input pipeline, decoding JPEGs", "evaluation", "checkpoint"} <= set(rows)
+    assert 0 < rows["checkpoint"]["waited_seconds"] and rows["checkpoint"]["gb"] > 0
     assert json.loads((tmp_path / "b.json").read_text())["rows"].keys() == rows.keys()
     out = capsys.readouterr().out
     assert "x tutorial" in out and "x open_clip" in out and "MFU" in out
@@ -34,7 +35,7 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
     monkeypatch.setattr(bench, "throughput", fake_throughput)
     monkeypatch.setattr(bench, "SWEEP", [("plain", "default", {}, 1), ("1x1 as mm", "default",
                                                                         {"conv_1x1_as_mm": True}, 2)])
-    skip = "tutorial,open_clip,eager,e2e_eager,pipeline,eval,compile,e2e"
+    skip = "tutorial,open_clip,eager,e2e_eager,pipeline,eval,checkpoint,compile,e2e"
     results = bench.main(["--tiny", "--sweep", "--skip", skip, "--data-root", str(tmp_path / "data")])
     assert seen == [(bench.TINY.big_batch, False), (2 * bench.TINY.big_batch, True)]
     assert not torch._inductor.config.conv_1x1_as_mm  # restored afterwards

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 import checkpoint
 import train
+from clip import clip_loss
 from conftest import TINY
+from engine import make_optimizer
 from utils import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,3 +177,50 @@ def test_an_image_size_the_model_cannot_take_fails_before_any_work(tiny_shapes_d
     assert not (tmp_path / "run" / "checkpoints").exists()
     train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()  # the failed start did not block the folder
+
+
+def test_a_checkpoint_holds_the_moment_it_was_captured_not_what_training_did_next(tiny_run, tmp_path):
+    """Checkpoints are written in the background while training goes on, so the snapshot must be a copy: on the CPU
+    the weights and optimiser moments would otherwise be the very tensors the next steps change in place."""
+    run, _ = tiny_run
+    model, cfg, tokenizer = checkpoint.load_model(run / "last")
+    model.train()
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    images = torch.randn(4, 3, cfg.image_size, cfg.image_size)
+    tokens = tokenizer(["a red circle", "a blue square", "two shapes", "a green star"], padding=True,
+                       return_tensors="pt")
+
+    def step():
+        image_emb, text_emb, scale = model(images, tokens["input_ids"], tokens["attention_mask"])
+        clip_loss(image_emb, text_emb, scale).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in checkpoint.flatten_optimizer(optimizer.state_dict())[0].items()}
+    writer = checkpoint.BackgroundWriter()
+    writer.submit(checkpoint.capture(model, cfg, tokenizer, {"step": 5}, {}, optimizer), tmp_path, ["last"])
+    for _ in range(2):
+        step()  # in place, while (or before) the writer runs
+    writer.wait()
+    assert not torch.equal(model.image_projection.proj.weight, before["image_projection.proj.weight"])
+    saved = load_file(tmp_path / "last" / "model.safetensors")
+    assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in before)
+    state = load_file(tmp_path / "last" / "training_state.safetensors")
+    assert state.keys() == moments.keys() and all(torch.equal(state[k], moments[k]) for k in moments)
+
+
+def test_a_failed_background_write_is_raised_where_the_trainer_waits(tiny_run, tmp_path):
+    run, _ = tiny_run
+    model, cfg, tokenizer = checkpoint.load_model(run / "best")
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the run directory should be")
+    writer = checkpoint.BackgroundWriter()
+    writer.submit(checkpoint.capture(model, cfg, tokenizer, {"step": 1}, {}), blocked, ["last"])
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()  # reported once; the writer goes on working
+    writer.submit(checkpoint.capture(model, cfg, tokenizer, {"step": 2}, {}), tmp_path / "run", ["last"])
+    writer.wait()
+    assert checkpoint.load_model(tmp_path / "run" / "last")[1] == cfg
