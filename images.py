@@ -127,8 +127,13 @@ class CacheSource:
     def __len__(self):
         return len(self.array)
 
-    def get(self, indices) -> np.ndarray:  # (B, S, S, 3) uint8
-        return self.array[np.sort(indices)][np.argsort(np.argsort(indices))]  # sorted reads are sequential on disk
+    def get(self, indices) -> np.ndarray:
+        """(B, S, S, 3) uint8 rows, copied once, read in file order (kinder to a disk than random order)."""
+        indices = np.asarray(indices)
+        out = np.empty((len(indices), *self.array.shape[1:]), dtype=self.array.dtype)
+        for pos in np.argsort(indices, kind="stable"):
+            out[pos] = self.array[indices[pos]]
+        return out
 
 
 def _square_or_none(args):
