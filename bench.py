@@ -5,6 +5,7 @@ ratios compare like with like.
     python bench.py --tiny              # toy sizes on the CPU in about a minute (the CI smoke test)
     python bench.py --json bench.json   # also write every number
     python bench.py --sweep             # also try variants of the compiled step (minutes each on a GPU)
+    python bench.py --profile prof/     # also where each of our steps spends its time (tables, Chrome traces)
 
 (a) the popular tutorial's step: fp32, batch 32, its soft-target loss, default Adam settings
 (b) open_clip's CustomTextCLIP step with the closest towers it supports: timm resnet50 + a 6-layer BERT of
@@ -26,6 +27,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -242,10 +244,28 @@ def our_flops(raw: CLIPModel, sizes: Sizes, tokens: int, device) -> float:
     return flops / 8
 
 
+def profile(step, device, out: Path, steps: int = 3) -> str:
+    """Where a (warmed-up) step's time goes: the top operators and kernels of a few steps, as a table in out.txt and
+    a Chrome trace (ui.perfetto.dev, chrome://tracing) in out.json.gz."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".txt").write_text(table)
+    prof.export_chrome_trace(str(out.with_suffix(".json.gz")))  # gzipped: a GPU trace runs to megabytes
+    return table
+
+
 def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: bool, mode: str = "default",
-               inductor: dict | None = None, label: str = ""):
+               inductor: dict | None = None, label: str = "", profile_dir: Path | None = None):
     """Our training step on one synthetic batch; `mode` and `inductor` (torch._inductor.config settings, in force
-    while it compiles) are the knobs the sweep tries."""
+    while it compiles) are the knobs the sweep tries. With profile_dir, also a profile of the same step."""
     cfg = our_config(sizes, batch, compile_, tokens, mode)
     raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
     images, ids, mask = synthetic_batch(batch, sizes, tokens, device)
@@ -259,6 +279,8 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
     try:
         with torch._inductor.config.patch(inductor or {}):
             rate = throughput(step, batch, sizes, device)
+            if profile_dir is not None:
+                profile(step, device, profile_dir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
     finally:
         torch._dynamo.reset()  # the next variant compiles afresh (and frees this one's CUDA-graph memory)
     return [row("c", name, rate, our_flops(raw, sizes, tokens, device), batch)]
@@ -397,6 +419,8 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="write all results here")
     p.add_argument("--data-root", default="data/bench", help="where the Flickr-sized shapes set is drawn")
     p.add_argument("--skip", default="", help="comma-separated sections to skip, e.g. compile,open_clip")
+    p.add_argument("--profile", type=Path, help="also profile each of our synthetic steps (eager, compiled, sweep) "
+                   "after timing it: top kernels and a Chrome trace per step, in this folder")
     p.add_argument("--sweep", action="store_true", help="also time variants of the compiled step (CUDA graphs, "
                    "inductor settings, batch size), several minutes each on a GPU")
     args = p.parse_args(argv)
@@ -420,18 +444,19 @@ def main(argv=None) -> dict:
     sections = [
         ("tutorial", lambda: bench_tutorial(sizes, device)),
         ("open_clip", lambda: bench_open_clip(sizes, device, dtype)),
-        ("eager", lambda: bench_ours(sizes, device, dtype, S, T, False)),
+        ("eager", lambda: bench_ours(sizes, device, dtype, S, T, False, profile_dir=args.profile)),
         ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
         ("pipeline", lambda: [bench_pipeline(sizes, device, folder, cache, S) for cache in ("on", "off")]),
         ("eval", lambda: [bench_eval(sizes, device, dtype, folder)]),
         ("checkpoint", lambda: [bench_checkpoint(sizes, device, dtype, Path(args.data_root))]),
-        ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True)),
+        ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True, profile_dir=args.profile)),
         ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, short, True)),
     ]
     if args.sweep:
         for label, mode, knobs, factor in SWEEP:
             sections.append((f"sweep: {label}", functools.partial(
-                bench_ours, sizes, device, dtype, int(B * factor), short, True, mode, knobs, f", {label}")))
+                bench_ours, sizes, device, dtype, int(B * factor), short, True, mode, knobs, f", {label}",
+                args.profile)))
     baselines = {}
     for tag, fn in sections:
         if tag in skip:

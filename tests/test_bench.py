@@ -1,5 +1,6 @@
 """bench.py --tiny runs every section on the CPU (a smoke test: no timing assertions)."""
 
+import gzip
 import json
 
 import torch
@@ -8,7 +9,8 @@ import bench
 
 
 def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
-    results = bench.main(["--tiny", "--data-root", str(tmp_path / "data"), "--json", str(tmp_path / "b.json")])
+    results = bench.main(["--tiny", "--data-root", str(tmp_path / "data"), "--json", str(tmp_path / "b.json"),
+                          "--profile", str(tmp_path / "profile")])
     rows = results["rows"]
     assert not [name for name, r in rows.items() if "error" in r], rows
     sections = sorted({r["section"] for r in rows.values()})
@@ -20,6 +22,13 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
     assert {"input pipeline, cached squares", "input pipeline, decoding JPEGs", "evaluation", "checkpoint"} <= set(rows)
     assert 0 < rows["checkpoint"]["waited_seconds"] and rows["checkpoint"]["gb"] > 0
     assert json.loads((tmp_path / "b.json").read_text())["rows"].keys() == rows.keys()
+    tables = sorted((tmp_path / "profile").glob("*.txt"))
+    assert [t.stem for t in tables] == ["ours-compiled-batch-16-16-tokens-synthetic",
+                                        "ours-eager-batch-16-16-tokens-synthetic"]
+    for table in tables:  # the step's convolutions show up among its operators, and the trace is there
+        assert "aten::convolution" in table.read_text()
+        with gzip.open(table.with_suffix(".json.gz")) as trace:
+            assert json.load(trace)["traceEvents"]
     out = capsys.readouterr().out
     assert "x tutorial" in out and "x open_clip" in out and "MFU" in out
 
