@@ -218,12 +218,13 @@ def bench_open_clip(sizes: Sizes, device, dtype):
 
 # --- (c) this project's step --------------------------------------------------------------------------------------
 
-def our_config(sizes: Sizes, batch: int, compile_: bool, max_length: int, mode: str = "default") -> Config:
-    return Config(image_model=sizes.image_model, image_pretrained=False, image_size=sizes.image_size,
-                  text_model="distilbert", text_pretrained=False, text_layers=sizes.text_layers,
-                  text_width=sizes.text_width, text_heads=sizes.text_heads, tokenizer="local",
-                  max_length=max_length, batch_size=batch, compile=compile_, compile_mode=mode,
-                  num_workers=sizes.workers)
+def our_config(sizes: Sizes, batch: int, compile_: bool, max_length: int, mode: str = "default",
+               **overrides) -> Config:
+    return Config(**{**dict(image_model=sizes.image_model, image_pretrained=False, image_size=sizes.image_size,
+                            text_model="distilbert", text_pretrained=False, text_layers=sizes.text_layers,
+                            text_width=sizes.text_width, text_heads=sizes.text_heads, tokenizer="local",
+                            max_length=max_length, batch_size=batch, compile=compile_, compile_mode=mode,
+                            num_workers=sizes.workers), **overrides})
 
 
 def our_model(cfg: Config, sizes: Sizes, device, dtype):
@@ -263,10 +264,12 @@ def profile(step, device, out: Path, steps: int = 3) -> str:
 
 
 def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: bool, mode: str = "default",
-               inductor: dict | None = None, label: str = "", profile_dir: Path | None = None):
-    """Our training step on one synthetic batch; `mode` and `inductor` (torch._inductor.config settings, in force
-    while it compiles) are the knobs the sweep tries. With profile_dir, also a profile of the same step."""
-    cfg = our_config(sizes, batch, compile_, tokens, mode)
+               inductor: dict | None = None, overrides: dict | None = None, label: str = "",
+               profile_dir: Path | None = None):
+    """Our training step on one synthetic batch. The sweep's knobs: `mode`, `inductor` (torch._inductor.config
+    settings, in force while it compiles) and `overrides` (Config fields). With profile_dir, also a profile of the
+    same step."""
+    cfg = our_config(sizes, batch, compile_, tokens, mode, **(overrides or {}))
     raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
     images, ids, mask = synthetic_batch(batch, sizes, tokens, device)
     if cfg.channels_last:
@@ -287,14 +290,16 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
 
 
 # Variants of the compiled step worth measuring on each new card or torch release (python bench.py --sweep), at the
-# end-to-end section's batch and caption length: (label, torch.compile mode, inductor settings, batch multiple).
+# end-to-end section's batch and caption length:
+# (label, torch.compile mode, inductor settings, batch multiple, Config overrides).
 SWEEP = [  # cheapest to compile first; max-autotune can take many minutes
-    ("default mode", "default", {}, 1),
-    ("CUDA graphs (reduce-overhead)", "reduce-overhead", {}, 1),
-    ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1),
-    ("1.5x batch", "default", {}, 1.5),
-    ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1),
-    ("max-autotune, no CUDA graphs", "max-autotune-no-cudagraphs", {}, 1),
+    ("default mode", "default", {}, 1, {}),
+    ("CUDA graphs (reduce-overhead)", "reduce-overhead", {}, 1, {}),
+    ("frozen batch-norm statistics", "default", {}, 1, {"image_freeze_bn_stats": True}),
+    ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1, {}),
+    ("1.5x batch", "default", {}, 1.5, {}),
+    ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1, {}),
+    ("max-autotune, no CUDA graphs", "max-autotune-no-cudagraphs", {}, 1, {}),
 ]
 
 
@@ -453,9 +458,9 @@ def main(argv=None) -> dict:
         ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, short, True)),
     ]
     if args.sweep:
-        for label, mode, knobs, factor in SWEEP:
+        for label, mode, knobs, factor, overrides in SWEEP:
             sections.append((f"sweep: {label}", functools.partial(
-                bench_ours, sizes, device, dtype, int(B * factor), short, True, mode, knobs, f", {label}",
+                bench_ours, sizes, device, dtype, int(B * factor), short, True, mode, knobs, overrides, f", {label}",
                 args.profile)))
     baselines = {}
     for tag, fn in sections:

@@ -31,11 +31,14 @@ class CLIPModel(nn.Module):
                                               (self.text_encoder, cfg.text_trainable)] if not trainable]
         for tower in self.frozen:
             tower.requires_grad_(False)
+        # batch norms that normalise with their stored statistics even in training
+        self.frozen_norms = [m for m in self.image_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                             ] if cfg.image_freeze_bn_stats else []
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for tower in self.frozen:  # frozen towers keep their batch-norm statistics and skip dropout
-            tower.eval()
+        for module in self.frozen + self.frozen_norms:  # frozen towers keep their statistics and skip dropout
+            module.eval()
         return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ class Config:
     image_model: str = "resnet50"  # any timm model name (ResNet, ViT, ...)
     image_pretrained: bool = True  # ImageNet weights from the Hugging Face Hub via timm
     image_trainable: bool = True  # False freezes the tower (only its projection head learns)
+    image_freeze_bn_stats: bool = False  # keep a pretrained tower's batch-norm statistics (its scales still learn):
+    #                                      steadier with small batches, lighter steps; open_clip's flag of that name
     image_size: int = 224  # training/eval resolution; 224 is what ImageNet-pretrained ResNets expect
     crop_scale_min: float = 0.9  # random-resized-crop keeps >= this share of the image; small, as captions name
     #                              positions and colours (so no flips or colour jitter either), as in open_clip
@@ -106,6 +108,9 @@ class Config:
         if self.num_workers > 4 * cpus:
             raise ValueError(f"--num-workers {self.num_workers} is far more than this machine's {cpus} CPUs; "
                              f"use at most {cpus}")
+        if self.image_freeze_bn_stats and not self.image_pretrained:
+            raise ValueError("--image-freeze-bn-stats keeps the batch-norm statistics of pretrained weights, and "
+                             "--no-image-pretrained has none worth keeping; drop one of the two flags")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"--compile-mode {self.compile_mode} only applies with --compile; add --compile")
         for name in ["precision", "text_pooling", "image_cache", "compile_mode"]:

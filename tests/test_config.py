@@ -30,6 +30,7 @@ def test_every_field_is_a_flag_and_flags_beat_the_preset():
     (["--num-workers", "100000"], "--num-workers 100000 is far more"),
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--compile-mode", "reduce-overhead"], "only applies with --compile"),
+    (["--no-image-pretrained", "--image-freeze-bn-stats"], "drop one of the two flags"),
 ])
 def test_bad_flags_fail_with_the_flag_named(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

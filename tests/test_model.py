@@ -1,0 +1,72 @@
+"""What training may and may not change: frozen towers stay put, frozen batch-norm statistics stay put."""
+
+import copy
+
+import torch
+
+from clip import CLIPModel, clip_loss
+from config import Config
+from engine import make_optimizer
+
+
+def tiny_model(**overrides) -> CLIPModel:
+    torch.manual_seed(0)
+    cfg = Config(**{**dict(image_model="resnet10t", image_pretrained=False, image_size=32, text_model="distilbert",
+                           text_pretrained=False, text_layers=2, text_width=64, text_heads=2, tokenizer="local",
+                           max_length=16, projection_dim=32), **overrides})
+    return CLIPModel(cfg, 500), cfg
+
+
+def train_steps(model: CLIPModel, cfg: Config, steps: int = 3) -> None:
+    g = torch.Generator().manual_seed(1)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    model.train()
+    for _ in range(steps):
+        images = torch.randn(8, 3, 32, 32, generator=g) * 3 + 1  # far from the initial statistics (0, 1)
+        ids = torch.randint(5, 500, (8, 16), generator=g)
+        clip_loss(*model(images, ids, torch.ones_like(ids))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def batch_norm_buffers(module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def test_frozen_batch_norm_statistics_stay_while_everything_else_learns():
+    model, cfg = tiny_model(image_freeze_bn_stats=True)
+    before = copy.deepcopy(model.state_dict())
+    stats = batch_norm_buffers(model.image_encoder)
+    assert len(stats) > 10
+    train_steps(model, cfg)
+    after = model.state_dict()
+    assert all(torch.equal(after[f"image_encoder.{k}"], v) for k, v in stats.items())
+    scales = [k for k in before if k.startswith("image_encoder.") and k.endswith(".weight") and ".bn" in k]
+    assert scales and all(not torch.equal(after[k], before[k]) for k in scales)  # the norms' scales still learn
+    # in training mode the tower now computes what it computes in eval mode
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        in_training = model.train().image_encoder(x)
+        in_eval = model.eval().image_encoder(x)
+    torch.testing.assert_close(in_training, in_eval)
+
+
+def test_without_the_flag_training_updates_the_statistics():
+    model, cfg = tiny_model()
+    stats = batch_norm_buffers(model.image_encoder)
+    train_steps(model, cfg)
+    after = model.state_dict()
+    changed = [k for k, v in stats.items() if not torch.equal(after[f"image_encoder.{k}"], v)]
+    assert len(changed) == len(stats)
+
+
+def test_a_frozen_tower_does_not_change_at_all_and_its_head_still_learns():
+    model, cfg = tiny_model(image_trainable=False)
+    before = copy.deepcopy(model.state_dict())
+    train_steps(model, cfg)
+    after = model.state_dict()
+    tower = [k for k in before if k.startswith("image_encoder.")]
+    assert tower and all(torch.equal(after[k], before[k]) for k in tower)  # weights and batch-norm statistics
+    assert not torch.equal(after["image_projection.proj.weight"], before["image_projection.proj.weight"])
+    assert not torch.equal(after["text_encoder.model.embeddings.word_embeddings.weight"],
+                           before["text_encoder.model.embeddings.word_embeddings.weight"])
