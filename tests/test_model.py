@@ -35,6 +35,7 @@ def batch_norm_buffers(module) -> dict:
 
 def test_frozen_batch_norm_statistics_stay_while_everything_else_learns():
     model, cfg = tiny_model(image_freeze_bn_stats=True)
+    assert model.training and not model.image_encoder.model.bn1.training  # so from construction on
     before = copy.deepcopy(model.state_dict())
     stats = batch_norm_buffers(model.image_encoder)
     assert len(stats) > 10
