@@ -34,6 +34,8 @@ class CLIPModel(nn.Module):
         # batch norms that normalise with their stored statistics even in training
         self.frozen_norms = [m for m in self.image_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                              ] if cfg.image_freeze_bn_stats else []
+        if cfg.image_freeze_bn_stats and not self.frozen_norms:
+            raise ValueError(f"--image-freeze-bn-stats: --image-model {cfg.image_model} has no batch norms to freeze")
         self.train()  # from the start, as train() leaves it: frozen parts in eval mode
 
     def train(self, mode: bool = True):

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from clip import CLIPModel, clip_loss
@@ -71,3 +72,8 @@ def test_a_frozen_tower_does_not_change_at_all_and_its_head_still_learns():
     assert not torch.equal(after["image_projection.proj.weight"], before["image_projection.proj.weight"])
     assert not torch.equal(after["text_encoder.model.embeddings.word_embeddings.weight"],
                            before["text_encoder.model.embeddings.word_embeddings.weight"])
+
+
+def test_freezing_batch_norm_statistics_of_a_tower_without_any_is_an_error():
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224 has no batch norms"):
+        tiny_model(image_model="vit_tiny_patch16_224", image_freeze_bn_stats=True)
