@@ -6,8 +6,10 @@ The defaults are the real Flickr30k recipe (pretrained ResNet-50 + DistilBERT, a
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
 
@@ -39,7 +41,7 @@ class Config:
     text_model: str = "distilbert-base-uncased"  # Hub name or local folder; with --no-text-pretrained also a
     #                                               transformers model type such as "distilbert" (no download at all)
     text_pretrained: bool = True  # load the Hub weights; False builds the architecture with random weights
-    text_trainable: bool = True
+    text_trainable: bool = True  # False freezes the text tower (only its projection head learns)
     text_layers: int = 0  # >0 overrides the layer count when building from config (random init)
     text_width: int = 0  # >0 overrides the hidden size when building from config
     text_heads: int = 0  # >0 overrides the attention-head count when building from config
@@ -52,21 +54,21 @@ class Config:
     projection_dim: int = 256  # shared embedding size, as in the tutorial
     dropout: float = 0.1  # inside the projection heads
     init_temperature: float = 0.07  # logit scale starts at 1/0.07, as in the CLIP paper
-    learn_temperature: bool = True
+    learn_temperature: bool = True  # False keeps the logit scale at its starting value
 
     # --- optimisation ---
-    epochs: int = 10
+    epochs: int = 10  # passes over the training images, each time with one of its captions
     batch_size: int = 256  # contrastive batch per process; the global batch is this x the number of processes
     accum_steps: int = 1  # >1: gradient caching, splitting each batch into this many micro-batches (same gradients)
     local_loss: bool = False  # under DDP each rank computes only its rows of the global logit matrix (less memory)
-    lr_image: float = 1e-4  # pretrained encoders move slowly...
-    lr_text: float = 1e-5
+    lr_image: float = 1e-4  # pretrained encoders move slowly (these three rates are the tutorial's)...
+    lr_text: float = 1e-5  # ...the text tower slowest...
     lr_head: float = 1e-3  # ...the freshly initialised heads and the temperature move fast
     weight_decay: float = 0.01  # AdamW default; never applied to norms, biases or the temperature
     warmup_frac: float = 0.05  # share of all steps spent warming the learning rate up linearly from 0
     min_lr_frac: float = 0.0  # cosine decays to this share of each group's learning rate
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    seed: int = 0
+    seed: int = 0  # python, numpy and torch; each process adds its rank
 
     # --- machine ---
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one ("cuda:1")
@@ -75,7 +77,7 @@ class Config:
     compile_mode: CompileMode = "default"  # torch.compile's mode: reduce-overhead adds CUDA graphs (fewer launches);
     #                                         the max-autotune ones also search for faster kernels (longer compile)
     channels_last: bool = True  # faster convolutions on tensor cores
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # images or captions embedded at once in evaluation
 
     # --- bookkeeping ---
     log_every: int = 20  # steps between reading the loss back from the device (each read syncs)
@@ -145,13 +147,33 @@ def _field_types() -> dict:
     return {f.name: f.type for f in dataclasses.fields(Config)}
 
 
+def field_notes() -> dict[str, str]:
+    """Each field's why-comment in Config's source (continuation lines included), so `--help` explains every flag."""
+    notes, name = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        field = re.match(r"    (\w+): [^#]*(?:#\s*(.*))?$", line)
+        more = re.match(r"\s+#\s{2,}(\S.*)$", line)  # deeper-indented comment lines continue the one above
+        if field:
+            name = field.group(1) if field.group(2) else None
+            if name:
+                notes[name] = field.group(2)
+        elif more and name:
+            notes[name] += " " + more.group(1)
+        elif not more:
+            name = None
+    return notes
+
+
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one `--field-name` per Config field (defaults suppressed, so we know what was set)."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of overrides")
+    notes = field_notes()
     for f in dataclasses.fields(Config):
         kind = f.type
-        help_text = f"default: {f.default!r}"
+        note = notes.get(f.name, "").replace("%", "%%")  # argparse formats help strings with %
+        help_text = f"{note} (default: {f.default!r})" if note else f"default: {f.default!r}"
         if kind is bool:
             parser.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, help=help_text)
         elif get_origin(kind) is Literal:

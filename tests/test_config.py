@@ -1,8 +1,10 @@
 """Flags come from the dataclass, presets apply first, bad settings fail before any work with the flag named."""
 
+import dataclasses
+
 import pytest
 
-from config import PRESETS, Config, config_from_dict, parse_config
+from config import PRESETS, Config, build_parser, config_from_dict, field_notes, parse_config
 
 
 def test_defaults_are_the_flickr30k_recipe():
@@ -45,3 +47,12 @@ def test_saved_config_round_trips_and_unknown_fields_are_refused():
     with pytest.raises(ValueError, match="mystery"):
         config_from_dict({**cfg.to_dict(), "mystery": 1})
     assert Config().to_dict() == parse_config([]).to_dict()
+
+
+def test_every_flag_explains_itself_in_help():
+    notes = field_notes()
+    fields = [f.name for f in dataclasses.fields(Config)]
+    assert [name for name in fields if not notes.get(name)] == []
+    assert notes["crop_scale_min"].endswith("(so no flips or colour jitter either), as in open_clip")  # two lines
+    text = " ".join(build_parser().format_help().split())  # unwrapped
+    assert "contrastive batch per process" in text and "99% of Flickr30k captions fit in 40" in text
