@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from config import Config  # noqa: E402
 from shapes import make_shapes  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -18,6 +19,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # A model small enough to train in seconds on a 2-core CPU, large enough to learn the shapes set.
 TINY = ["--preset", "shapes", "--image-model", "resnet10t", "--image-size", "32", "--text-width", "64",
         "--text-heads", "2", "--projection-dim", "64", "--batch-size", "32", "--eval-batch-size", "128"]
+
+
+def tiny_config(**overrides) -> Config:
+    """A toy model's config for tests that build models directly: random init, 32 px, a 2-layer text tower."""
+    return Config(**{**dict(image_model="resnet10t", image_pretrained=False, image_size=32, text_model="distilbert",
+                            text_pretrained=False, text_layers=2, text_width=64, text_heads=2, tokenizer="local",
+                            max_length=16, projection_dim=32), **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
 
 from clip import CLIPModel, clip_loss
-from config import Config
+from conftest import tiny_config
 from distributed import Dist
 from engine import make_optimizer, train_step
 from images import Pixels
@@ -30,10 +30,13 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def tiny_config(**overrides) -> Config:
-    return Config(**{**dict(image_model="resnet10t", image_pretrained=False, image_size=32, text_model="distilbert",
-                            text_pretrained=False, text_layers=2, text_width=64, text_heads=2, tokenizer="local",
-                            max_length=16, projection_dim=32), **overrides})
+PIXELS = Pixels(32, 36, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), channels_last=True)
+
+
+def squares_and_boxes():
+    """Four cached 36 px squares and crop boxes, as the data loader hands them over."""
+    squares = torch.randint(0, 256, (4, 36, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return squares, torch.tensor([[0, 0, 36, 36], [2, 3, 30, 33], [0, 1, 35, 34], [4, 4, 32, 32]])
 
 
 def padded_tokens(batch=4, length=16, vocab=500):
@@ -49,12 +52,10 @@ def test_forward_and_backward_of_a_training_step_never_read_a_device_value_on_th
     """With transformers' 2-D mask path this finds its `mask.all()` check: one sync per eager step."""
     cfg = tiny_config()
     model = CLIPModel(cfg, 500).train()
-    pixels = Pixels(32, 36, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), channels_last=True)
-    squares = torch.randint(0, 256, (4, 36, 36, 3), dtype=torch.uint8)
-    boxes = torch.tensor([[0, 0, 36, 36], [2, 3, 30, 33], [0, 1, 35, 34], [4, 4, 32, 32]])
+    squares, boxes = squares_and_boxes()
     ids, mask = padded_tokens()
     with HostReads() as reads:
-        images = pixels(squares, boxes, torch.device("cpu"))
+        images = PIXELS(squares, boxes, torch.device("cpu"))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             image_emb, text_emb, scale = model(images, ids, mask)
         loss = clip_loss(image_emb, text_emb, scale)
@@ -72,13 +73,11 @@ def test_a_whole_training_step_on_a_gpu_never_waits_for_it():
     model = CLIPModel(cfg, 500).to(device).to(memory_format=torch.channels_last).train()
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    pixels = Pixels(32, 36, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), channels_last=True)
-    squares = torch.randint(0, 256, (4, 36, 36, 3), dtype=torch.uint8).pin_memory()
-    boxes = torch.tensor([[0, 0, 36, 36], [2, 3, 30, 33], [0, 1, 35, 34], [4, 4, 32, 32]]).pin_memory()
+    squares, boxes = (t.pin_memory() for t in squares_and_boxes())
     ids, mask = (t.pin_memory() for t in padded_tokens())
 
     def step():
-        images = pixels(squares, boxes, device)
+        images = PIXELS(squares, boxes, device)
         return train_step(model, model, optimizer, scaler, images, ids.to(device, non_blocking=True),
                           mask.to(device, non_blocking=True), cfg, Dist(), device, dtype, 0.5)
 

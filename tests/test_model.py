@@ -7,14 +7,13 @@ import torch
 
 from clip import CLIPModel, clip_loss
 from config import Config
+from conftest import tiny_config
 from engine import make_optimizer
 
 
-def tiny_model(**overrides) -> CLIPModel:
+def tiny_model(**overrides) -> tuple[CLIPModel, Config]:
     torch.manual_seed(0)
-    cfg = Config(**{**dict(image_model="resnet10t", image_pretrained=False, image_size=32, text_model="distilbert",
-                           text_pretrained=False, text_layers=2, text_width=64, text_heads=2, tokenizer="local",
-                           max_length=16, projection_dim=32), **overrides})
+    cfg = tiny_config(**overrides)
     return CLIPModel(cfg, 500), cfg
 
 
