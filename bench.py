@@ -7,7 +7,8 @@ ratios compare like with like.
     python bench.py --sweep             # also try variants of the compiled step (minutes each on a GPU)
     python bench.py --profile prof/     # also where each of our steps spends its time (tables, Chrome traces)
 
-(a) the popular tutorial's step: fp32, batch 32, its soft-target loss, default Adam settings
+(a) the popular tutorial's step: fp32, batch 32, its soft-target loss, default AdamW settings, reading the loss back
+    every step (its progress bar), under PyTorch's default backend settings, which it leaves alone
 (b) open_clip's CustomTextCLIP step with the closest towers it supports: timm resnet50 + a 6-layer BERT of
     DistilBERT's width, bf16 autocast, its ClipLoss, as its training script runs it
 (c) this project's step (bf16, channels_last, fused AdamW, SDPA), eager and under torch.compile; with --sweep also
@@ -162,6 +163,24 @@ def distilbert_config(sizes: Sizes) -> DistilBertConfig:
                             n_heads=sizes.text_heads, hidden_dim=4 * sizes.text_width)
 
 
+# How each contestant sets up cuDNN and cuBLAS. The tutorial leaves PyTorch's defaults: exact fp32 matmuls (cuDNN's
+# convolutions do use TF32 by default) and no autotuning. open_clip's training script (open_clip_train/main.py) and
+# train.py turn on TF32 matmuls and cudnn.benchmark.
+PYTORCH_DEFAULTS = {"benchmark": False, "matmul_tf32": False, "conv_tf32": True}
+TUNED = {"benchmark": True, "matmul_tf32": True, "conv_tf32": True}
+
+
+@contextlib.contextmanager
+def cuda_backends(benchmark: bool, matmul_tf32: bool, conv_tf32: bool):
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = flags[0].benchmark, flags[1].allow_tf32, flags[0].allow_tf32
+    flags[0].benchmark, flags[1].allow_tf32, flags[0].allow_tf32 = benchmark, matmul_tf32, conv_tf32
+    try:
+        yield
+    finally:
+        flags[0].benchmark, flags[1].allow_tf32, flags[0].allow_tf32 = saved
+
+
 def bench_tutorial(sizes: Sizes, device):
     model = TutorialCLIP(sizes).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
@@ -172,6 +191,7 @@ def bench_tutorial(sizes: Sizes, device):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        loss.item()  # the tutorial's loss meter reads every step's loss on the host
 
     flops = step_flops(lambda: model(*batch).backward()) / sizes.tutorial_batch
     return [row("a", "tutorial, fp32", throughput(step, sizes.tutorial_batch, sizes, device), flops,
@@ -294,6 +314,8 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
 # (label, torch.compile mode, inductor settings, batch multiple, Config overrides).
 SWEEP = [  # cheapest to compile first; max-autotune can take many minutes
     ("default mode", "default", {}, 1, {}),
+    ("CUDA graphs + 1x1 convolutions as matmuls + frozen batch-norm statistics", "reduce-overhead",
+     {"conv_1x1_as_mm": True}, 1, {"image_freeze_bn_stats": True}),  # the cheap ones together, then one by one
     ("CUDA graphs (reduce-overhead)", "reduce-overhead", {}, 1, {}),
     ("frozen batch-norm statistics", "default", {}, 1, {"image_freeze_bn_stats": True}),
     ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1, {}),
@@ -432,9 +454,6 @@ def main(argv=None) -> dict:
     sizes = TINY if args.tiny else FULL
     device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     skip = set(filter(None, args.skip.split(",")))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     results = {"date": datetime.date.today().isoformat(), "device": card, "sizes": sizes.__dict__,
@@ -470,7 +489,8 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            measured = fn()
+            with cuda_backends(**(PYTORCH_DEFAULTS if tag == "tutorial" else TUNED)):
+                measured = fn()
         except Exception as e:  # one broken section must not cost the others' numbers
             print(f"[{tag}] FAILED {type(e).__name__}: {e}", flush=True)
             results["rows"][tag] = {"error": f"{type(e).__name__}: {e}"}

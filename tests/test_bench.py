@@ -53,3 +53,21 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
     assert [(cfg.compile, cfg.dropout) for cfg in built] == [(True, 0.1), (True, 0.0)]
     names = [name for name in results["rows"]]
     assert len(names) == 2 and names[0].endswith(", plain") and names[1].endswith(", 1x1 as mm"), names
+
+
+def test_each_contestant_runs_under_its_own_backend_settings(tmp_path, monkeypatch):
+    """The tutorial leaves PyTorch's defaults (no TF32 matmuls, no cuDNN autotuning); open_clip's script and ours
+    turn both on. A baseline timed with our settings would look faster than the tutorial its users run."""
+    seen = []
+
+    def fake_throughput(step, samples, sizes, device):
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32))
+        return 100.0
+
+    monkeypatch.setattr(bench, "throughput", fake_throughput)
+    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    skip = "e2e_eager,pipeline,eval,checkpoint,compile,e2e"
+    bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
+    assert seen == [(False, False), (True, True), (True, True)]  # tutorial, open_clip, ours
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32) == before
