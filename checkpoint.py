@@ -252,7 +252,16 @@ def load_training_state(path, model, optimizer, scaler, rank: int) -> dict:
     info = json.loads((folder / "checkpoint.json").read_text())
     load_weights(model, folder / "model.safetensors")
     tensors = load_file(str(folder / "training_state.safetensors"))
-    optimizer.load_state_dict(unflatten_optimizer(tensors, info["optimizer"]))
+    saved = unflatten_optimizer(tensors, info["optimizer"])
+    # The checkpoint brings the moments; this run's flags and device bring the settings: learning rates and weight
+    # decay as resolved from the command line, and the kernel (fused on CUDA, foreach elsewhere).
+    for group, own in zip(saved["param_groups"], optimizer.param_groups):
+        group.update({k: v for k, v in own.items() if k != "params"})
+    optimizer.load_state_dict(saved)
+    for param, state in optimizer.state.items():
+        for key, value in state.items():  # moments are saved contiguous; channels_last weights need theirs alike
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
     if "scaler" in info and scaler is not None:
         scaler.load_state_dict(info["scaler"])
     if rank >= len(info["rng"]):

@@ -18,7 +18,7 @@ import checkpoint
 import train
 from clip import clip_loss
 from conftest import TINY
-from engine import make_optimizer
+from engine import make_optimizer, param_groups
 from utils import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,6 +209,48 @@ def test_a_checkpoint_holds_the_moment_it_was_captured_not_what_training_did_nex
     assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in before)
     state = load_file(tmp_path / "last" / "training_state.safetensors")
     assert state.keys() == moments.keys() and all(torch.equal(state[k], moments[k]) for k in moments)
+
+
+def test_resume_with_fused_adamw_on_channels_last_weights_continues_exactly(tiny_run, tmp_path):
+    """On CUDA the optimiser is fused AdamW over channels_last weights. Its moments are saved contiguous; loaded back
+    in that layout, the fused kernel would pair each weight with another element's moments (CPU) or refuse (CUDA)."""
+    run, _ = tiny_run
+    _, cfg, tokenizer = checkpoint.load_model(run / "last")
+    images = torch.randn(4, 3, cfg.image_size, cfg.image_size).contiguous(memory_format=torch.channels_last)
+    tokens = tokenizer(["a red circle", "a blue square", "two shapes", "a green star"], padding=True,
+                       return_tensors="pt")
+
+    def build(lr_head):
+        model = checkpoint.load_model(run / "last")[0].train().to(memory_format=torch.channels_last)
+        groups = param_groups(model, checkpoint.Config(**{**cfg.to_dict(), "lr_head": lr_head}))
+        return model, torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, fused=True)
+
+    def step(model, optimizer):
+        torch.manual_seed(0)  # the same dropout in both runs
+        clip_loss(*model(images, tokens["input_ids"], tokens["attention_mask"])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    straight, optimizer = build(cfg.lr_head)
+    for _ in range(2):
+        step(straight, optimizer)
+    checkpoint.save_checkpoint(tmp_path, ["last"], straight, cfg, tokenizer, {"step": 2}, {}, optimizer,
+                               rng=[checkpoint.rng_state()])
+    step(straight, optimizer)
+
+    resumed, fresh = build(cfg.lr_head)
+    checkpoint.load_training_state(tmp_path / "last", resumed, fresh, None, 0)
+    conv = resumed.image_encoder.model.conv1[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert fresh.state[conv]["exp_avg"].stride() == conv.stride()
+    step(resumed, fresh)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    # flags given on resume win over the checkpoint's settings, as config.json will say
+    model, other = build(0.5)
+    checkpoint.load_training_state(tmp_path / "last", model, other, None, 0)
+    assert {g["name"]: g["base_lr"] for g in other.param_groups}["head"] == 0.5
 
 
 def test_a_failed_background_write_is_raised_where_the_trainer_waits(tiny_run, tmp_path):
