@@ -53,8 +53,9 @@ class CLIPModel(nn.Module):
         return F.normalize(self.text_projection(self.text_encoder(input_ids, attention_mask)), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """The logit multiplier exp(logit_scale), at most 100."""
-        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        """The logit multiplier exp(logit_scale). Each training step caps the parameter at ln(100) afterwards, as
+        open_clip does; capping it here instead would cut its gradient at the cap, and it could never come back."""
+        return self.logit_scale.exp()
 
     def forward(self, images, input_ids, attention_mask):
         return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.scale()

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from clip import CLIPModel, clip_loss, clip_loss_rows
+from clip import MAX_LOGIT_SCALE, CLIPModel, clip_loss, clip_loss_rows
 from config import Config
 from distributed import Dist, all_reduce_, gather_with_grad
 from utils import autocast
@@ -83,7 +83,8 @@ def backward_grad_cache(model, raw: CLIPModel, images, input_ids, attention_mask
     1. embed every micro-batch without a graph;  2. loss over the whole (global) batch, backward to the embeddings;
     3. re-embed each micro-batch with a graph and push the cached embedding gradients through it.
     """
-    micro = list(zip(images.chunk(chunks), input_ids.chunk(chunks), attention_mask.chunk(chunks)))
+    # even micro-batches: a short last batch of n >= 2 * chunks pairs splits into parts of 2 or more
+    micro = list(zip(*(t.tensor_split(chunks) for t in (images, input_ids, attention_mask))))
     buffers = [b.detach().clone() for b in raw.buffers()]  # batch-norm statistics: update them once, in pass 3
     rngs, image_parts, text_parts = [], [], []
     with torch.no_grad():
@@ -99,7 +100,7 @@ def backward_grad_cache(model, raw: CLIPModel, images, input_ids, attention_mask
     text_emb = torch.cat(text_parts).requires_grad_()
     loss = contrastive_loss(image_emb, text_emb, raw.scale(), d, local_loss)
     scaler.scale(loss).backward()  # -> image_emb.grad, text_emb.grad, and the temperature's gradient
-    image_grads, text_grads = image_emb.grad.chunk(chunks), text_emb.grad.chunk(chunks)
+    image_grads, text_grads = image_emb.grad.tensor_split(chunks), text_emb.grad.tensor_split(chunks)
     for i, ((x, ids, mask), rng) in enumerate(zip(micro, rngs)):
         sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
         with rng, (model.no_sync() if not sync else contextlib.nullcontext()):
@@ -130,6 +131,8 @@ def train_step(model, raw: CLIPModel, optimizer, scaler, images, input_ids, atte
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # the temperature's cap, on the parameter (see CLIPModel.scale)
+        raw.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
     return loss.detach()
 
 

@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 
-from clip import CLIPModel, clip_loss
+from clip import MAX_LOGIT_SCALE, CLIPModel, clip_loss
 from config import Config
 from conftest import tiny_config
-from engine import make_optimizer
+from distributed import Dist
+from engine import make_optimizer, train_step
 
 
 def tiny_model(**overrides) -> tuple[CLIPModel, Config]:
@@ -76,3 +77,27 @@ def test_a_frozen_tower_does_not_change_at_all_and_its_head_still_learns():
 def test_freezing_batch_norm_statistics_of_a_tower_without_any_is_an_error():
     with pytest.raises(ValueError, match="vit_tiny_patch16_224 has no batch norms"):
         tiny_model(image_model="vit_tiny_patch16_224", image_freeze_bn_stats=True)
+
+
+def test_the_temperature_stops_at_the_cap_and_can_come_back_down():
+    """The logit scale is capped at 100 on the parameter itself. Capped only where it is used, a parameter past the
+    cap gets no gradient and Adam's momentum carries it ever higher."""
+    model, cfg = tiny_model(lr_head=1.0)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    g = torch.Generator().manual_seed(1)
+    images, ids = torch.randn(8, 3, 32, 32, generator=g), torch.randint(5, 500, (8, 16), generator=g)
+
+    def step():
+        train_step(model, model, optimizer, scaler, images, ids, torch.ones_like(ids), cfg, Dist(),
+                   torch.device("cpu"), torch.float32, 1.0)
+
+    with torch.no_grad():
+        model.logit_scale.fill_(MAX_LOGIT_SCALE - 0.1)
+    push_up = model.logit_scale.register_hook(lambda grad: torch.full_like(grad, -1e-3))
+    step()  # Adam moves it by about the learning rate (1.0): far past the cap
+    push_up.remove()
+    assert model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
+    for _ in range(3):  # an untrained model's confident mistakes: the loss wants a lower scale
+        step()
+    assert model.logit_scale.item() < MAX_LOGIT_SCALE - 0.5
