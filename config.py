@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -90,20 +91,25 @@ class Config:
         positive = ["epochs", "batch_size", "accum_steps", "image_size", "projection_dim", "max_length",
                     "eval_batch_size", "log_every", "vocab_size"]
         for name in positive:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:
                 raise ValueError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ["lr_image", "lr_text", "lr_head", "weight_decay", "grad_clip", "save_every",
                      "text_layers", "text_width", "text_heads", "num_workers"]:
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # also refuses nan, which every comparison fails
+                raise ValueError(f"--{flag(name)} must be a finite number >= 0, got {getattr(self, name)}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"--batch-size {self.batch_size} must be divisible by --accum-steps {self.accum_steps}")
+        if self.batch_size // self.accum_steps < 2:
+            raise ValueError(f"--batch-size {self.batch_size} with --accum-steps {self.accum_steps} makes (micro-)"
+                             f"batches of one pair, which has no negatives to contrast (and batch norm cannot "
+                             f"normalise one image); use at least 2 pairs each")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"--crop-scale-min must be in (0, 1], got {self.crop_scale_min}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0 < self.init_temperature:
-            raise ValueError(f"--init-temperature must be positive, got {self.init_temperature}")
+        if not 0.01 <= self.init_temperature < math.inf:
+            raise ValueError(f"--init-temperature must be at least 0.01 (a logit scale of at most 100, the CLIP "
+                             f"paper's cap), got {self.init_temperature}")
         if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_frac <= 1:
             raise ValueError("--warmup-frac must be in [0, 1) and --min-lr-frac in [0, 1]")
         cpus = os.cpu_count() or 1

@@ -315,13 +315,14 @@ def text_batch(split: Split, caption_idx: np.ndarray, pad_id: int, fixed_length:
 
 
 def epoch_plan(split: Split, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-               drop_last: bool = False) -> list[np.ndarray]:
+               drop_last: bool = False, min_pairs: int = 2) -> list[np.ndarray]:
     """This rank's batches of caption indices for one epoch.
 
     Every training image appears once, in a seeded random order, paired with one of its captions drawn at random,
     so no batch holds two captions of one image (they would be false negatives). Global batches of
     batch_size * world are cut into one slice per rank. A last, smaller global batch is split evenly across ranks
-    (dropped if drop_last, which keeps shapes fixed for compiled models).
+    if each rank gets at least min_pairs pairs (one pair alone has no negatives, and batch norm cannot normalise
+    a single image), else dropped; drop_last always drops it, which keeps shapes fixed for compiled models.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(split))
@@ -331,7 +332,7 @@ def epoch_plan(split: Split, batch_size: int, seed: int, epoch: int, rank: int =
     plan = []
     for lo in range(0, len(captions), global_batch):
         chunk = captions[lo:lo + global_batch]
-        if len(chunk) < global_batch and (drop_last or len(chunk) < world):
+        if len(chunk) < global_batch and (drop_last or len(chunk) < min_pairs * world):
             break
         per_rank = len(chunk) // world
         plan.append(chunk[rank * per_rank:(rank + 1) * per_rank])
@@ -345,17 +346,18 @@ class TrainBatches(Dataset):
     """
 
     def __init__(self, split: Split, source, batch_size: int, pad_id: int, crop_scale_min: float, seed: int,
-                 rank: int = 0, world: int = 1, drop_last: bool = False, fixed_length: int = 0):
+                 rank: int = 0, world: int = 1, drop_last: bool = False, fixed_length: int = 0,
+                 min_pairs: int = 2):
         self.split, self.source, self.batch_size = split, source, batch_size
         self.pad_id, self.crop_scale_min, self.fixed_length = pad_id, crop_scale_min, fixed_length
-        self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
+        self.seed, self.rank, self.world, self.drop_last, self.min_pairs = seed, rank, world, drop_last, min_pairs
         self.caption_image = split.caption_image
         self._plans: dict[int, list] = {}
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         if epoch not in self._plans:
             self._plans = {epoch: epoch_plan(self.split, self.batch_size, self.seed, epoch, self.rank, self.world,
-                                             self.drop_last)}
+                                             self.drop_last, self.min_pairs)}
         return self._plans[epoch]
 
     def __len__(self):  # batches per epoch

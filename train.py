@@ -137,7 +137,8 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batches = TrainBatches(train_split, data.source, cfg.batch_size, tokenizer.pad_token_id, cfg.crop_scale_min,
                            cfg.seed, d.rank, d.world, drop_last=cfg.compile,  # compiled: one batch shape
-                           fixed_length=cfg.max_length if cfg.compile else 0)
+                           fixed_length=cfg.max_length if cfg.compile else 0,
+                           min_pairs=2 * cfg.accum_steps)  # so that a short last batch has micro-batches of 2+
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise SystemExit(f"--batch-size {cfg.batch_size} x {d.world} process(es) exceeds the "

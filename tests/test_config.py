@@ -26,7 +26,11 @@ def test_every_field_is_a_flag_and_flags_beat_the_preset():
 @pytest.mark.parametrize("argv,needle", [
     (["--epochs", "3", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
     (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--lr-image", "-0.1"], "--lr-image must not be negative"),
+    (["--lr-image", "-0.1"], "--lr-image must be a finite number >= 0"),
+    (["--lr-head", "nan"], "--lr-head must be a finite number >= 0, got nan"),
+    (["--init-temperature", "0.001"], "--init-temperature must be at least 0.01"),
+    (["--batch-size", "1"], "batches of one pair"),
+    (["--batch-size", "8", "--accum-steps", "8"], "--accum-steps 8 makes (micro-)batches of one pair"),
     (["--precision", "fp8"], "invalid choice: 'fp8'"),
     (["--batch-size", "10", "--accum-steps", "3"], "divisible by --accum-steps"),
     (["--num-workers", "100000"], "--num-workers 100000 is far more"),

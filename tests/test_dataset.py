@@ -55,6 +55,18 @@ def test_each_epoch_yields_each_image_once_with_one_of_its_own_captions():
     assert len(seen_choices) == 3  # a different caption draw every epoch
 
 
+def test_a_last_batch_too_small_to_contrast_is_dropped():
+    """One pair has no negatives (its loss and gradient are 0) and batch norm cannot normalise one image."""
+    assert [len(b) for b in epoch_plan(make_split(97), 16, seed=0, epoch=0)] == [16] * 6
+    assert [len(b) for b in epoch_plan(make_split(98), 16, seed=0, epoch=0)] == [16] * 6 + [2]
+    # gradient caching in 4 micro-batches asks for 2 pairs each
+    assert [len(b) for b in epoch_plan(make_split(103), 16, seed=0, epoch=0, min_pairs=8)] == [16] * 6
+    assert [len(b) for b in epoch_plan(make_split(104), 16, seed=0, epoch=0, min_pairs=8)] == [16] * 6 + [8]
+    # two ranks: a last global batch of 3 would leave each rank one pair; of 4, two pairs each
+    assert [len(b) for b in epoch_plan(make_split(35), 16, seed=0, epoch=0, world=2)] == [16]
+    assert [len(b) for b in epoch_plan(make_split(36), 16, seed=0, epoch=0, world=2)] == [16, 2]
+
+
 def test_plan_is_deterministic_and_drop_last_keeps_shapes_fixed():
     split = make_split(50)
     a = epoch_plan(split, 8, seed=3, epoch=2)
