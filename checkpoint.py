@@ -155,20 +155,21 @@ def write(snapshot: Snapshot, run_dir, links) -> Path:
     """Write the snapshot as RUN/checkpoints/<step folder> and point each name in `links` ("last", "best") at it."""
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINTS / snapshot.folder_name
-    if not final.exists():
-        tmp = run_dir / CHECKPOINTS / f".{snapshot.folder_name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file(snapshot.weights, str(tmp / "model.safetensors"))
-        if snapshot.tensors:
-            save_file(snapshot.tensors, str(tmp / "training_state.safetensors"))
-        write_json(tmp / "checkpoint.json", snapshot.info)
-        write_json(tmp / "text_config.json", snapshot.text_config)
-        snapshot.tokenizer.save_pretrained(tmp / "tokenizer")
-        _fsync_tree(tmp)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+    tmp = run_dir / CHECKPOINTS / f".{snapshot.folder_name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(snapshot.weights, str(tmp / "model.safetensors"))
+    if snapshot.tensors:
+        save_file(snapshot.tensors, str(tmp / "training_state.safetensors"))
+    write_json(tmp / "checkpoint.json", snapshot.info)
+    write_json(tmp / "text_config.json", snapshot.text_config)
+    snapshot.tokenizer.save_pretrained(tmp / "tokenizer")
+    _fsync_tree(tmp)
+    if final.exists():  # a run killed before its links reached this folder left it: an older state than ours
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
     for name in links:
         _point(run_dir / name, f"{CHECKPOINTS}/{snapshot.folder_name}")
     fsync_dir(run_dir)

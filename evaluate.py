@@ -19,7 +19,7 @@ from checkpoint import load_model
 from clip import clip_loss
 from dataset import CaptionData, EvalImages, Split, batch_loader, text_batch
 from images import Pixels
-from utils import autocast, pick_device, pick_precision, write_json
+from utils import autocast, inference_precision, pick_device, write_json
 
 KS = (1, 5, 10)
 
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     device = pick_device(args.device)
     model, cfg, tokenizer = load_model(args.checkpoint, device)
-    dtype = pick_precision(cfg.precision, device)
+    dtype = inference_precision(cfg.precision, device)
     data = CaptionData(args.data_dir or cfg.data_dir)
     pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
     data.open_images(pixels.square, args.image_cache, args.num_workers)

@@ -33,7 +33,7 @@ from dataset import IMAGE_EXTS, CaptionData
 from evaluate import embed_images, embed_texts
 from images import Pixels, fingerprint, full_boxes, to_square
 from plots import curves_figure, image_to_text_figure, read_metrics, save_figure, text_to_image_figure
-from utils import REPO_DIR, autocast, pick_device, pick_precision
+from utils import REPO_DIR, autocast, inference_precision, pick_device
 
 INDEX_VERSION = 1  # bump when the index layout changes: older files are then rebuilt
 TEXT_K, IMAGE_K = 9, 5  # a 3 x 3 grid of images; five captions, as many as a Flickr30k image has
@@ -80,7 +80,8 @@ def load_searcher(checkpoint, device="auto", batch_size: int = 256) -> Searcher:
     folder = resolve(checkpoint)
     model, cfg, tokenizer = load_model(folder, device)
     pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
-    return Searcher(model, cfg, tokenizer, folder, pixels, device, pick_precision(cfg.precision, device), batch_size)
+    dtype = inference_precision(cfg.precision, device)
+    return Searcher(model, cfg, tokenizer, folder, pixels, device, dtype, batch_size)
 
 
 def latest_checkpoint(runs_dir=REPO_DIR / "runs") -> Path:

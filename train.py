@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import BackgroundWriter, capture, load_training_state, load_weights, rng_state
+from checkpoint import BackgroundWriter, capture, load_training_state, load_weights, read_info, rng_state
 from clip import CLIPModel
-from config import Config, build_parser, config_from_args, config_from_dict, save_config
+from config import Config, build_parser, config_from_args, config_from_dict, flag, save_config
 from dataset import CaptionData, TrainBatches, batch_loader
 from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from engine import global_mean, lr_factor, make_optimizer, train_step
@@ -29,7 +29,8 @@ from evaluate import evaluate, format_table
 from images import Pixels
 from plots import plot_curves
 from tokenizer import load_tokenizer
-from utils import append_jsonl, pick_device, pick_precision, provenance, seed_everything, write_json
+from utils import (append_jsonl, atomic_write, pick_device, pick_precision, provenance, read_jsonl, seed_everything,
+                   write_json)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,15 +42,46 @@ def resolve_config(argv) -> Config:
     parser = build_parser(__doc__)
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, validate=False)  # on resume, the flags alone may not make a whole config
         if cfg.resume and cfg.run_dir and (Path(cfg.run_dir) / "config.json").exists():
             saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
             given = {k: v for k, v in vars(args).items() if k != "preset"}
             cfg = config_from_dict({**saved, **given})
-            cfg.validate()
+        cfg.validate()
         return cfg
     except ValueError as e:
         parser.error(str(e))
+
+
+# The settings that decide an epoch's batches: a run stopped mid-epoch must finish that epoch with the same ones.
+PLAN_FIELDS = ("batch_size", "seed", "accum_steps", "compile")
+
+
+def check_mid_epoch_resume(run_dir: Path, cfg: Config, world: int) -> None:
+    """Refuse to resume a mid-epoch checkpoint with settings that would redraw the rest of its epoch (its position
+    would point into another plan, repeating or skipping images, or past its end)."""
+    info = read_info(run_dir / "last")
+    saved, state = info["config"], info["state"]
+    if not state["batch"]:
+        return
+    changed = [f"--{flag(k)} {saved[k]} (now {getattr(cfg, k)})" for k in PLAN_FIELDS if saved[k] != getattr(cfg, k)]
+    if len(info["rng"]) != world:
+        changed.append(f"{len(info['rng'])} processes (now {world})")
+    if changed:
+        raise SystemExit(f"--resume: {run_dir}/last was saved in the middle of epoch {state['epoch'] + 1} (after batch "
+                         f"{state['batch']}), and the rest of that epoch depends on settings that changed. It was "
+                         f"saved with {', '.join(changed)}: resume with those, and change them once a later epoch "
+                         f"has ended")
+
+
+def drop_rows_after(metrics_file: Path, epoch: int) -> None:
+    """Forget metrics of epochs after the checkpoint being resumed: a run killed while that epoch's checkpoint was
+    being written logged the epoch, and will log it again."""
+    if metrics_file.exists():
+        rows = read_jsonl(metrics_file)
+        if any(row["epoch"] > epoch for row in rows):
+            with atomic_write(metrics_file) as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows if row["epoch"] <= epoch)
 
 
 def prepare_run_dir(cfg: Config, d: Dist) -> Path:
@@ -61,6 +93,8 @@ def prepare_run_dir(cfg: Config, d: Dist) -> Path:
         has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
         if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
             raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
+        if cfg.resume:  # before config.json takes the new values
+            check_mid_epoch_resume(run_dir, cfg, d.world)
         if has_run and not cfg.resume:
             if not cfg.overwrite:
                 raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
@@ -148,7 +182,11 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
     state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "loss_sum": 0.0, "loss_count": 0}
     if cfg.resume:
         state = load_training_state(run_dir / "last", raw, optimizer, scaler, d.rank)
+        if state["batch"] > steps_per_epoch:
+            raise SystemExit(f"--resume: {run_dir}/last was saved after batch {state['batch']} of an epoch, which now "
+                             f"has {steps_per_epoch}: the training set changed; resume with the data it started with")
         if d.main:
+            drop_rows_after(run_dir / "metrics.jsonl", state["epoch"])
             print(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
     model = raw
     if d.enabled:

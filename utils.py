@@ -51,6 +51,15 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def inference_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The training run's precision where this device has it, else the device's default: a checkpoint trained in
+    fp16 on a GPU still evaluates and searches on a CPU."""
+    try:
+        return pick_precision(precision, device)
+    except ValueError:
+        return pick_precision("auto", device)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

@@ -133,6 +133,62 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
         train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "new"), "--resume"])
 
 
+def test_a_mid_epoch_checkpoint_resumes_only_with_the_settings_that_drew_its_epoch(tiny_shapes_dir, tmp_path,
+                                                                                    monkeypatch):
+    run = tmp_path / "run"
+    args = TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--epochs", "1", "--save-every", "2"]
+    real_step, calls = train.train_step, []
+
+    def stop_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert checkpoint.read_info(run / "last")["state"]["batch"] == 2
+    with pytest.raises(SystemExit, match=r"middle of epoch 1 \(after batch 2\).*--batch-size 32 \(now 16\)"):
+        train.main(args + ["--resume", "--batch-size", "16"])  # batch 2 of another plan: other images
+    assert json.loads((run / "config.json").read_text())["batch_size"] == 32  # the saved values stay on record
+    train.main(args + ["--resume", "--lr-head", "0.002"])  # settings that leave the plan alone are fine
+    assert [row["epoch"] for row in read_jsonl(run / "metrics.jsonl")] == [1]
+
+
+def test_resume_forgets_metrics_logged_after_its_checkpoint(tmp_path):
+    """A run killed while its epoch-2 checkpoint was being written has logged epoch 2; resuming from epoch 1's
+    checkpoint runs epoch 2 again, and logs it once."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"epoch": e, "train_loss": 5.0 - e}) + "\n" for e in (1, 2)))
+    train.drop_rows_after(metrics, 1)
+    assert read_jsonl(metrics) == [{"epoch": 1, "train_loss": 4.0}]
+
+
+def test_resume_validates_the_flags_together_with_the_saved_config(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**checkpoint.Config(compile=True).to_dict()}))
+    cfg = train.resolve_config(["--run-dir", str(run), "--resume", "--compile-mode", "reduce-overhead"])
+    assert cfg.compile and cfg.compile_mode == "reduce-overhead"  # --compile comes from the saved run
+
+
+def test_a_folder_left_by_a_killed_run_is_rewritten_not_reused(tiny_run, tmp_path):
+    """Killed after renaming its step-8 folder but before moving `last` to it, a run resumes from step 4 and saves
+    step 8 again: the checkpoint must hold this run's state, not the folder the killed one left."""
+    run, _ = tiny_run
+    model, cfg, tokenizer = checkpoint.load_model(run / "last")
+    checkpoint.save_checkpoint(tmp_path, ["last"], model, cfg, tokenizer, {"step": 4}, {})
+    subprocess.run(["cp", "-a", str(tmp_path / "checkpoints" / "step-00000004"),
+                    str(tmp_path / "checkpoints" / "step-00000008")], check=True)
+    with torch.no_grad():
+        model.image_projection.proj.weight.add_(1.0)
+    checkpoint.save_checkpoint(tmp_path, ["last"], model, cfg, tokenizer, {"step": 8}, {})
+    saved = load_file(tmp_path / "last" / "model.safetensors")
+    assert torch.equal(saved["image_projection.proj.weight"], model.image_projection.proj.weight)
+
+
 def test_loading_never_unpickles(tiny_run, monkeypatch):
     run, _ = tiny_run
 
