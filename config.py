@@ -60,7 +60,7 @@ class Config:
     # --- optimisation ---
     epochs: int = 10  # passes over the training images, each time with one of its captions
     batch_size: int = 256  # contrastive batch per process; the global batch is this x the number of processes
-    accum_steps: int = 1  # >1: gradient caching, splitting each batch into this many micro-batches (same gradients)
+    accum_steps: int = 1  # >1: gradient caching in this many micro-batches (exact gradients but for batch norm)
     local_loss: bool = False  # under DDP each rank computes only its rows of the global logit matrix (less memory)
     lr_image: float = 1e-4  # pretrained encoders move slowly (these three rates are the tutorial's)...
     lr_text: float = 1e-5  # ...the text tower slowest...

@@ -79,6 +79,7 @@ def backward_grad_cache(model, raw: CLIPModel, images, input_ids, attention_mask
                         local_loss: bool, device, dtype, scaler) -> torch.Tensor:
     """Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
     Setup"): the same loss and gradients as one big batch, with activations for only one micro-batch at a time.
+    Batch norm in training mode is the exception: it normalises each micro-batch with that micro-batch's statistics.
 
     1. embed every micro-batch without a graph;  2. loss over the whole (global) batch, backward to the embeddings;
     3. re-embed each micro-batch with a graph and push the cached embedding gradients through it.

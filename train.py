@@ -166,6 +166,12 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
               f"model {n_params / 1e6:.1f}M parameters on {device} ({str(dtype).split('.')[-1]}), "
               f"{d.world} process(es) x batch {cfg.batch_size}")
 
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in raw.image_encoder.modules())
+    if d.main and cfg.accum_steps > 1 and has_bn and cfg.image_trainable and not cfg.image_freeze_bn_stats:
+        print(f"note: with --accum-steps {cfg.accum_steps}, the image tower's batch norms normalise micro-batches of "
+              f"{cfg.batch_size // cfg.accum_steps}, so gradients are close to, not equal to, one batch of "
+              f"{cfg.batch_size}'s (--image-freeze-bn-stats makes them equal)")
+
     # --- optimiser and state ---
     optimizer = make_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from clip import CLIPModel
 from config import parse_config
-from conftest import TINY
+from conftest import TINY, tiny_config
 from distributed import Dist
 from engine import backward_grad_cache, contrastive_loss
 from utils import read_jsonl
@@ -110,6 +110,30 @@ def test_gradient_caching_in_one_process_matches_one_big_batch():
     assert cached_loss == pytest.approx(loss, rel=1e-6)
     assert_same_gradients(grads, cached)
     assert "logit_scale" in cached  # the temperature learns under gradient caching too
+
+
+def test_gradient_caching_in_training_mode_is_exact_with_frozen_batch_norm_statistics():
+    """In training mode each micro-batch's batch norms would use its own statistics; with the statistics frozen the
+    micro-batches are independent again, and gradient caching gives one big batch's loss and gradients."""
+    def run(cached):
+        torch.manual_seed(0)
+        model = CLIPModel(tiny_config(image_freeze_bn_stats=True, dropout=0.0), VOCAB).train()
+        for module in model.modules():  # the text tower's own dropout too: only batch norm should matter here
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        images, ids, mask = batch()
+        if cached:
+            loss = backward_grad_cache(model, model, images, ids, mask, 4, Dist(), False, torch.device("cpu"),
+                                       torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+        else:
+            loss = contrastive_loss(*model(images, ids, mask), Dist(), local_loss=False)
+            loss.backward()
+        return loss.item(), gradients(model)
+
+    loss, grads = run(cached=False)
+    cached_loss, cached = run(cached=True)
+    assert cached_loss == pytest.approx(loss, rel=1e-6)
+    assert_same_gradients(grads, cached)
 
 
 def torchrun(args):
