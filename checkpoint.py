@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
@@ -213,17 +214,31 @@ def _collect_garbage(run_dir: Path) -> None:
 
 # --- reading ----------------------------------------------------------------------------------------------------
 
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is damaged ({e}); use another checkpoint of the run (RUN/best, RUN/last)") from None
+
+
+def _read_tensors(file: Path) -> dict:
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:
+        raise ValueError(f"{file} is damaged ({e}); use another checkpoint of the run (RUN/best, RUN/last)") from None
+
+
 def read_info(path) -> dict:
-    return json.loads((resolve(path) / "checkpoint.json").read_text())
+    return _read_json(resolve(path) / "checkpoint.json")
 
 
 def load_model(path, device="cpu") -> tuple[CLIPModel, Config, object]:
     """(model in eval mode, its config, its tokenizer) from a checkpoint, with no download and no unpickling."""
     folder = resolve(path)
-    info = json.loads((folder / "checkpoint.json").read_text())
+    info = _read_json(folder / "checkpoint.json")
     cfg = config_from_dict(info["config"])
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    text_values = json.loads((folder / "text_config.json").read_text())
+    text_values = _read_json(folder / "text_config.json")
     text_config = AutoConfig.for_model(**text_values)
     # the weights come from the file: build both towers with random init, never from the Hub
     arch = Config(**{**cfg.to_dict(), "image_pretrained": False, "text_pretrained": False})
@@ -234,7 +249,7 @@ def load_model(path, device="cpu") -> tuple[CLIPModel, Config, object]:
 
 def load_weights(model: torch.nn.Module, file) -> None:
     """Load safetensors weights, explaining any mismatch between the file and the model's architecture."""
-    saved = load_file(str(file))
+    saved = _read_tensors(Path(file))
     own = model.state_dict()
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
@@ -250,9 +265,9 @@ def load_weights(model: torch.nn.Module, file) -> None:
 def load_training_state(path, model, optimizer, scaler, rank: int) -> dict:
     """Restore weights, optimiser, grad scaler and this rank's RNGs from a checkpoint; return its progress state."""
     folder = resolve(path)
-    info = json.loads((folder / "checkpoint.json").read_text())
+    info = _read_json(folder / "checkpoint.json")
     load_weights(model, folder / "model.safetensors")
-    tensors = load_file(str(folder / "training_state.safetensors"))
+    tensors = _read_tensors(folder / "training_state.safetensors")
     saved = unflatten_optimizer(tensors, info["optimizer"])
     # The checkpoint brings the moments; this run's flags and device bring the settings: learning rates and weight
     # decay as resolved from the command line, and the kernel (fused on CUDA, foreach elsewhere).

@@ -131,13 +131,19 @@ def main(argv=None) -> dict:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--image-cache", default="auto", choices=["auto", "on", "off"])
     args = p.parse_args(argv)
-    device = pick_device(args.device)
-    model, cfg, tokenizer = load_model(args.checkpoint, device)
-    dtype = inference_precision(cfg.precision, device)
-    data = CaptionData(args.data_dir or cfg.data_dir)
-    pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
-    data.open_images(pixels.square, args.image_cache, args.num_workers)
-    data.tokenize(tokenizer, cfg.max_length)
+    if args.batch_size < 1 or args.num_workers < 0:
+        p.error(f"--batch-size must be at least 1 and --num-workers at least 0, got {args.batch_size} and "
+                f"{args.num_workers}")
+    try:
+        device = pick_device(args.device)
+        model, cfg, tokenizer = load_model(args.checkpoint, device)
+        dtype = inference_precision(cfg.precision, device)
+        data = CaptionData(args.data_dir or cfg.data_dir)
+        pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
+        data.open_images(pixels.square, args.image_cache, args.num_workers)
+        data.tokenize(tokenizer, cfg.max_length)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
     split = data.splits[args.split]
     metrics = evaluate(model, split, data.source, pixels, tokenizer.pad_token_id, device, dtype, args.batch_size,
                        num_workers=args.num_workers, progress=sys.stderr.isatty())

@@ -31,7 +31,7 @@ from clip import CLIPModel
 from config import Config
 from dataset import IMAGE_EXTS, CaptionData
 from evaluate import embed_images, embed_texts
-from images import Pixels, fingerprint, full_boxes, to_square
+from images import Pixels, check_image, fingerprint, full_boxes, to_square
 from plots import curves_figure, image_to_text_figure, read_metrics, save_figure, text_to_image_figure
 from utils import REPO_DIR, autocast, inference_precision, pick_device
 
@@ -359,6 +359,8 @@ def parse_args(argv):
         p.error(f"--images {args.images} is not a folder")
     if args.image and args.images:
         p.error("--image ranks a data split's captions and --images FOLDER has none; search a folder with --text")
+    if args.image and (why := check_image(args.image)):
+        p.error(f"--image {args.image} is not an image this can read: {why}")
     if args.make_results and (args.images or args.k or args.out):
         p.error("--make-results draws fixed examples from a data split into fixed file names; drop --images, --k "
                 "and --out")

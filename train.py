@@ -29,8 +29,8 @@ from evaluate import evaluate, format_table
 from images import Pixels
 from plots import plot_curves
 from tokenizer import load_tokenizer
-from utils import (append_jsonl, atomic_write, pick_device, pick_precision, provenance, read_jsonl, seed_everything,
-                   write_json)
+from utils import (HubError, append_jsonl, atomic_write, pick_device, pick_precision, provenance, read_jsonl,
+                   seed_everything, write_json)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -84,21 +84,26 @@ def drop_rows_after(metrics_file: Path, epoch: int) -> None:
                 f.writelines(json.dumps(row) + "\n" for row in rows if row["epoch"] <= epoch)
 
 
-def prepare_run_dir(cfg: Config, d: Dist) -> Path:
-    """Create the run directory; refuse to touch an existing run unless --resume or --overwrite."""
-    run_dir = Path(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
-    run_dir = Path(broadcast_object(str(run_dir), d))
+def find_run_dir(cfg: Config, d: Dist) -> Path:
+    """The run directory, checked but not touched: an existing run needs --resume or --overwrite."""
+    run_dir = Path(broadcast_object(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"), d))
     if d.main:
-        # a start that failed before training (a bad flag, no data) left only config.json: nothing to lose there
+        # a run stopped before its first checkpoint left only config.json and env.json: nothing to lose there
         has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
         if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
             raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
-        if cfg.resume:  # before config.json takes the new values
+        if cfg.resume:
             check_mid_epoch_resume(run_dir, cfg, d.world)
-        if has_run and not cfg.resume:
-            if not cfg.overwrite:
-                raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                                 f"start it over, or choose another --run-dir")
+        if has_run and not cfg.resume and not cfg.overwrite:
+            raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it "
+                             f"over, or choose another --run-dir")
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
+    """Create the run directory (with --overwrite, clear the old run out of it) once the run has started well."""
+    if d.main:
+        if cfg.overwrite and not cfg.resume:
             for name in ["checkpoints", "last", "best", "metrics.jsonl", "test_metrics.json", "curves.png"]:
                 path = run_dir / name
                 if path.is_symlink() or path.is_file():
@@ -107,7 +112,6 @@ def prepare_run_dir(cfg: Config, d: Dist) -> Path:
                     shutil.rmtree(path)
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(d)
-    return run_dir
 
 
 def main(argv=None) -> dict:
@@ -123,23 +127,9 @@ def main(argv=None) -> dict:
             cleanup(d)
 
 
-def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
-    # --- device and run directory ---
-    device = torch.device("cuda", d.local_rank) if d.enabled and cfg.device == "auto" and torch.cuda.is_available() \
-        else pick_device(cfg.device)
-    dtype = pick_precision(cfg.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # pick the fastest convolution kernels for our fixed shapes
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever stays in fp32
-        torch.backends.cudnn.allow_tf32 = True
-    run_dir = prepare_run_dir(cfg, d)
-    cfg.run_dir = str(run_dir)
-    if d.main:
-        save_config(cfg, run_dir / "config.json")
-        write_json(run_dir / "env.json", {**provenance(), "world_size": d.world, "device": str(device),
-                                          "dtype": str(dtype)})
-    seed_everything(cfg.seed + d.rank)
-
+def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_dir: Path):
+    """Data, tokenizer, model, optimiser, batches and, with --resume, the saved state: the part of a run where bad
+    input shows up, before any file of the run is written."""
     # --- data and tokenizer ---
     data = CaptionData(cfg.data_dir, verbose=d.main)
     train_split = data.splits["train"]
@@ -179,21 +169,46 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
                            cfg.seed, d.rank, d.world, drop_last=cfg.compile,  # compiled: one batch shape
                            fixed_length=cfg.max_length if cfg.compile else 0,
                            min_pairs=2 * cfg.accum_steps)  # so that a short last batch has micro-batches of 2+
-    steps_per_epoch = len(batches)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"--batch-size {cfg.batch_size} x {d.world} process(es) exceeds the "
-                         f"{len(train_split)} training images")
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_frac * total_steps)
+    if len(batches) == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} x {d.world} process(es) exceeds the {len(train_split)} "
+                         f"training images")
     state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "loss_sum": 0.0, "loss_count": 0}
     if cfg.resume:
         state = load_training_state(run_dir / "last", raw, optimizer, scaler, d.rank)
-        if state["batch"] > steps_per_epoch:
-            raise SystemExit(f"--resume: {run_dir}/last was saved after batch {state['batch']} of an epoch, which now "
-                             f"has {steps_per_epoch}: the training set changed; resume with the data it started with")
-        if d.main:
+        if state["batch"] > len(batches):
+            raise ValueError(f"--resume: {run_dir}/last was saved after batch {state['batch']} of an epoch, which now "
+                             f"has {len(batches)}: the training set changed; resume with the data it started with")
+    return data, tokenizer, raw, pixels, optimizer, scaler, batches, state
+
+
+def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
+    # --- device, input, run directory: bad input stops the run here with one line, before any file is written ---
+    try:
+        device = torch.device("cuda", d.local_rank) if d.enabled and cfg.device == "auto" and \
+            torch.cuda.is_available() else pick_device(cfg.device)
+        dtype = pick_precision(cfg.precision, device)
+        run_dir = find_run_dir(cfg, d)
+        seed_everything(cfg.seed + d.rank)
+        data, tokenizer, raw, pixels, optimizer, scaler, batches, state = build(cfg, d, device, dtype, run_dir)
+    except (ValueError, FileNotFoundError, HubError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # pick the fastest convolution kernels for our fixed shapes
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever stays in fp32
+        torch.backends.cudnn.allow_tf32 = True
+    prepare_run_dir(run_dir, cfg, d)
+    cfg.run_dir = str(run_dir)
+    if d.main:
+        save_config(cfg, run_dir / "config.json")
+        write_json(run_dir / "env.json", {**provenance(), "world_size": d.world, "device": str(device),
+                                          "dtype": str(dtype)})
+        if cfg.resume:
             drop_rows_after(run_dir / "metrics.jsonl", state["epoch"])
             print(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
+    val_split = data.splits["val"]
+    steps_per_epoch = len(batches)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_frac * total_steps)
     model = raw
     if d.enabled:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -148,15 +148,24 @@ def human_count(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
 
 
-def hub_error(name: str, what: str, flag_hint: str, cause: Exception, repo: str = "") -> RuntimeError:
+class HubError(RuntimeError):
+    """Weights or files that could not come from the Hugging Face Hub."""
+
+
+# The flags that take every Hub download out of a run: random initialisation and a tokenizer trained on the captions.
+OFFLINE_FLAGS = "--no-image-pretrained --no-text-pretrained --text-model distilbert --tokenizer local"
+
+
+def hub_error(name: str, what: str, flag_hint: str, cause: Exception, repo: str = "") -> HubError:
     """A fail-fast message for weights or files that could not come from the Hugging Face Hub (repo: the Hub
     repository holding them, when it differs from `name`)."""
     home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
     offline = " (HF_HUB_OFFLINE is set, so nothing was downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
-    return RuntimeError(
+    return HubError(
         f"could not load the {what} {name!r} from the Hugging Face Hub or its cache{offline}: "
         f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
         f"  - the cache is HF_HOME={home}; pre-download on a machine with internet with\n"
         f"      hf download {repo or name}\n"
         f"    and copy that folder, or point the flag at a local folder holding the files;\n"
-        f"  - or train without it: {flag_hint}")
+        f"  - or train without it: {flag_hint}\n"
+        f"  - or without any download at all (random initialisation): {OFFLINE_FLAGS}")

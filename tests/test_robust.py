@@ -127,6 +127,9 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
     with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
         train.main(args)
     assert (run / "metrics.jsonl").read_text() == stamp
+    with pytest.raises(SystemExit, match=r"train.py: error: --image-model 'resnet10x' is not a timm model"):
+        train.main(args + ["--overwrite", "--image-model", "resnet10x"])
+    assert (run / "metrics.jsonl").read_text() == stamp  # a start that fails does not clear the old run
     train.main(args + ["--overwrite"])
     assert len(read_jsonl(run / "metrics.jsonl")) == 1
     with pytest.raises(SystemExit, match="no checkpoint to resume"):
@@ -227,10 +230,10 @@ def test_checkpoint_round_trip_gives_identical_embeddings(tiny_run, tmp_path):
 
 
 def test_an_image_size_the_model_cannot_take_fails_before_any_work(tiny_shapes_dir, tmp_path):
-    with pytest.raises(ValueError, match="--image-size 8 does not fit --image-model vit_tiny_patch16_224"):
+    with pytest.raises(SystemExit, match="error: --image-size 8 does not fit --image-model vit_tiny_patch16_224"):
         train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"),
                            "--image-model", "vit_tiny_patch16_224", "--image-size", "8"])
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # no folder of a run that never started
     train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()  # the failed start did not block the folder
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import search
 import train
 from conftest import TINY
@@ -212,6 +213,7 @@ def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
     (["--checkpoint", "{run}", "--text", "x", "--image", "y.jpg"], "not allowed with argument"),
     (["--checkpoint", "{run}", "--text", "  "], "--text is empty"),
     (["--checkpoint", "{run}", "--image", "{tmp}/missing.jpg"], "no such file"),
+    (["--checkpoint", "{run}", "--image", "{tmp}/notes.txt"], "notes.txt is not an image this can read"),
     (["--checkpoint", "{run}", "--images", "{tmp}", "--image", "{tmp}/x.jpg"], "--images FOLDER has none"),
     (["--checkpoint", "{run}", "--images", "{tmp}/nowhere", "--text", "x"], "is not a folder"),
     (["--checkpoint", "{run}", "--images", "{tmp}/empty", "--text", "x"], "holds no image files"),
@@ -222,12 +224,28 @@ def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
 ])
 def test_clear_errors(argv, message, run, shapes_dir, tmp_path, capsys):
     (tmp_path / "x.jpg").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a picture")
     (tmp_path / "empty").mkdir()
     argv = [a.format(tmp=tmp_path, run=run / "best", data=shapes_dir) for a in argv]
     with pytest.raises(SystemExit) as e:
         search.main(argv + ["--device", "cpu"])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_files_and_bad_evaluate_flags_are_named(run, tmp_path, capsys):
+    damaged = shutil.copytree(run / "best", tmp_path / "damaged")
+    (damaged / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(SystemExit):
+        search.main(["--checkpoint", str(damaged), "--text", "x", "--device", "cpu"])
+    assert "model.safetensors is damaged" in capsys.readouterr().err
+    (damaged / "checkpoint.json").write_text("{not json")
+    for argv, message in [(["--checkpoint", str(damaged)], "checkpoint.json is damaged"),
+                          (["--checkpoint", str(tmp_path / "nothing")], "is not a checkpoint"),
+                          (["--checkpoint", str(run / "best"), "--batch-size", "0"], "--batch-size must be at")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv + ["--device", "cpu"])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_latest_checkpoint_is_the_newest_best(tmp_path, run):
