@@ -232,12 +232,17 @@ def read_info(path) -> dict:
     return _read_json(resolve(path) / "checkpoint.json")
 
 
+def read_tokenizer(path):
+    """The tokenizer a checkpoint was trained with (saved inside it)."""
+    return AutoTokenizer.from_pretrained(resolve(path) / "tokenizer")
+
+
 def load_model(path, device="cpu") -> tuple[CLIPModel, Config, object]:
     """(model in eval mode, its config, its tokenizer) from a checkpoint, with no download and no unpickling."""
     folder = resolve(path)
     info = _read_json(folder / "checkpoint.json")
     cfg = config_from_dict(info["config"])
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = read_tokenizer(folder)
     text_values = _read_json(folder / "text_config.json")
     text_config = AutoConfig.for_model(**text_values)
     # the weights come from the file: build both towers with random init, never from the Hub

@@ -4,12 +4,14 @@ The local one is saved as DATA/tokenizer (tokenizer.json + config) and loaded th
 so an offline data folder in the Flickr30k format trains with no download at all.
 """
 
+import hashlib
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from utils import hub_error
+from utils import hub_error, write_json
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -35,9 +37,15 @@ def load_tokenizer(name: str, text_model: str, data_dir, train_captions, vocab_s
     anything else = a Hub name or a folder."""
     if name == "local":
         path = Path(data_dir) / "tokenizer"
-        if not (path / "tokenizer.json").exists():
-            print(f"training a WordPiece tokenizer on the training captions -> {path}")
-            train_wordpiece(train_captions(), vocab_size, path)
+        captions = train_captions()
+        # what it was trained from: a new --vocab-size, or other training captions, train it again
+        source = {"vocab_size": vocab_size, "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest()}
+        record = path / "trained_on.json"
+        if not (path / "tokenizer.json").exists() or not record.exists() or json.loads(record.read_text()) != source:
+            print(f"training a WordPiece tokenizer of at most {vocab_size} tokens on the {len(captions)} training "
+                  f"captions -> {path}")
+            train_wordpiece(captions, vocab_size, path)
+            write_json(record, source)
         return AutoTokenizer.from_pretrained(path)
     name = name or text_model
     try:

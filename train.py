@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import BackgroundWriter, capture, load_training_state, load_weights, read_info, rng_state
+from checkpoint import (BackgroundWriter, capture, load_training_state, load_weights, read_info, read_tokenizer,
+                        rng_state)
 from clip import CLIPModel
 from config import Config, build_parser, config_from_args, config_from_dict, flag, save_config
 from dataset import CaptionData, TrainBatches, batch_loader
@@ -135,8 +136,8 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
     train_split = data.splits["train"]
     for rank_turn in (True, False):  # rank 0 first trains the tokenizer / builds the image cache; then the others
         if d.main == rank_turn:
-            tokenizer = load_tokenizer(cfg.tokenizer, cfg.text_model, cfg.data_dir, lambda: train_split.captions,
-                                       cfg.vocab_size)
+            tokenizer = read_tokenizer(run_dir / "last") if cfg.resume else load_tokenizer(
+                cfg.tokenizer, cfg.text_model, cfg.data_dir, lambda: train_split.captions, cfg.vocab_size)
         barrier(d)
 
     # --- model ---

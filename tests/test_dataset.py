@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dataset import CaptionData, Split, epoch_plan, split_names, text_batch
+from tokenizer import load_tokenizer
 
 
 def make_split(n_images, captions_per_image=5):
@@ -103,3 +104,16 @@ def test_text_batch_pads_only_to_the_longest_caption_rounded_to_8():
     assert text_batch(split, np.array([0]), pad_id=0, fixed_length=48)["input_ids"].shape == (1, 48)
     padded = text_batch(split, np.array([0, 1]), pad_id=7)
     assert (padded["input_ids"][~padded["attention_mask"]] == 7).all()
+
+
+def test_local_tokenizer_is_trained_again_when_its_vocab_size_or_captions_change(tmp_path):
+    captions = [f"a {c} {s} on the {p}" for c in ("red", "green", "blue", "yellow", "purple")
+                for s in ("circle", "square", "triangle", "star") for p in ("left", "right", "top", "bottom")]
+    big = load_tokenizer("local", "distilbert", tmp_path, lambda: captions, 120)
+    stamp = (tmp_path / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    assert len(load_tokenizer("local", "distilbert", tmp_path, lambda: captions, 120)) == len(big)
+    assert (tmp_path / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == stamp  # unchanged: reused as it is
+    small = load_tokenizer("local", "distilbert", tmp_path, lambda: captions, 50)
+    assert len(small) <= 50 < len(big)
+    grown = load_tokenizer("local", "distilbert", tmp_path, lambda: captions + ["an orange hexagon"] * 20, 120)
+    assert "hexagon" in grown.get_vocab() and "hexagon" not in big.get_vocab()
