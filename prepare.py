@@ -281,18 +281,20 @@ def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Pat
     caption_file, image_dir = find_layout(data_dir)
     rows, parsed = read_captions(data_dir)
     on_disk = {p.name for p in image_files}
-    captions = Counter()
+    captions, captioned = Counter(), set()
     for line, image, _ in rows:
         if image not in on_disk:
             parsed.dropped_rows.append({"line": line, "reason": f"no image {image} in {image_dir.name}/",
                                         "file": caption_file.name})
-        elif image not in bad:
+            continue
+        captioned.add(image)
+        if image not in bad:
             captions[image] += 1
     caption_rows = len(rows) + len(parsed.duplicate_rows)
     warnings = count_mismatches(spec, len(image_files), caption_rows)
     try:
-        members = split_names(sorted(captions), data_dir)
-        splits = {s: len(members[s]) for s in SPLITS}
+        members = split_names(sorted(captioned), data_dir)  # as training draws them: bad images drop out after
+        splits = {s: sum(n not in bad for n in members[s]) for s in SPLITS}
     except ValueError as e:
         splits, warnings = None, warnings + [f"no usable split: {e}"]
     return {
@@ -307,7 +309,8 @@ def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Pat
         "images_without_captions": sorted(on_disk - {image for _, image, _ in rows} - set(bad)),
         "splits": splits,
         "split_rule": "splits.json" if (data_dir / "splits.json").exists() else
-        "default: seeded shuffle of the usable images, 5% (at most 1,000) each for test and val",
+        "default: seeded shuffle of the captioned images, 5% (at most 1,000) each for test and val; images "
+        "that cannot be decoded then drop out of the split they fell in",
     }
 
 

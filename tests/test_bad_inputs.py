@@ -112,6 +112,20 @@ def test_prepare_excludes_broken_images_and_keeps_convertible_ones(tmp_path, cap
     assert data.source.get(np.arange(len(data.names))).shape == (len(data.names), 24, 24, 3)
 
 
+def test_the_report_counts_the_splits_training_uses_when_images_are_broken(tmp_path):
+    """Splits are drawn over every captioned image on disk, then broken ones drop out where they fell."""
+    images = tmp_path / "data" / "images"
+    names = [save(images / f"{i:03d}.jpg", noise(size=(8, 8), seed=i)).name for i in range(60)]
+    for name in split_names(names, tmp_path / "data")["test"][:2]:  # break two of the test images
+        (images / name).write_bytes(b"not an image")
+    (tmp_path / "data" / "results.csv").write_text(
+        "image_name| comment_number| comment\n" + "".join(f"{n}| 0| picture {n}\n" for n in names))
+    assert download.main(["--prepare", str(tmp_path / "data"), "--workers", "2"]) == 0
+    report = json.loads((tmp_path / "data" / "prepare_report.json").read_text())
+    training = {s: len(split) for s, split in CaptionData(tmp_path / "data", verbose=False).splits.items()}
+    assert report["splits"] == training == {"train": 54, "val": 3, "test": 1}
+
+
 # --- caption rows ---
 
 def caption_folder(tmp_path, name: str, content: bytes, images=()):
