@@ -14,6 +14,7 @@ import getpass
 import io
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,23 @@ def kaggle_api(creds: Credentials):
         raise CredentialsError(f"the kaggle package cannot be imported ({e}); `pip install -r requirements.txt` "
                                f"installs it (kaggle 2.x also needs `six`)") from None
     except (Exception, SystemExit) as e:
+        if unreachable(e):  # kaggle 2.x checks an access token with Kaggle's servers
+            raise CredentialsError(f"could not reach Kaggle to check the credentials from {creds.source} "
+                                   f"({type(e).__name__}: {e}); check your connection or proxy") from None
         raise CredentialsError(f"Kaggle did not accept the credentials from {creds.source} "
                                f"({type(e).__name__}); check them at {API_PAGE}") from None
     return api
+
+
+def unreachable(error: BaseException | None) -> bool:
+    """Whether an error, or one it came from, is the network failing (no route, DNS, proxy, timeout) rather than a
+    refusal: requests' connection errors and timeouts, and the OS's own."""
+    import requests  # a dependency of kaggle
+
+    network = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError,
+               socket.gaierror)
+    while error is not None:
+        if isinstance(error, network):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -7,6 +7,7 @@ import stat
 import sys
 
 import pytest
+import requests
 
 import download
 import kaggle_auth
@@ -130,3 +131,20 @@ def test_kaggle_api_authenticates_with_the_chosen_key_and_leaves_no_trace_in_the
     assert api.config_values["username"] == "alice" and api.config_values["key"] == KEY
     assert "KAGGLE_KEY" not in os.environ and "KAGGLE_USERNAME" not in os.environ
     assert KEY not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("failure, message", [
+    (lambda: requests.exceptions.ConnectionError("Max retries exceeded"), "could not reach Kaggle.*connection"),
+    (lambda: requests.exceptions.HTTPError("401 Client Error: Unauthorized"), "did not accept the credentials"),
+])
+def test_a_network_failure_is_not_blamed_on_the_credentials(failure, message, monkeypatch):
+    """kaggle 2.x checks an access token with Kaggle's servers, so offline that check fails on the network."""
+    kaggle_auth.kaggle_api(kaggle_auth.Credentials("test", "alice", KEY))  # imports kaggle, which a key lets through
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    def authenticate(self):
+        raise failure()
+
+    monkeypatch.setattr(KaggleApi, "authenticate", authenticate)
+    with pytest.raises(CredentialsError, match=message):
+        kaggle_auth.kaggle_api(kaggle_auth.Credentials("KAGGLE_API_TOKEN", token="abc"))
