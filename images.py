@@ -159,6 +159,11 @@ def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "cach
         meta = json.loads(meta_file.read_text())
         if meta.get("fingerprint") == stamp:
             return CacheSource(file, size), meta["failed"]
+    # a cache of this size for another list of files (images added, removed or found broken since) is stale, and
+    # at Flickr30k's size it holds gigabytes; caches of other sizes stay, for models of other resolutions
+    for old in cache_dir.glob(f"*images-{size}px-*"):
+        if old.name not in (file.name, meta_file.name):
+            old.unlink()
     need = len(paths) * size * size * 3
     free = shutil.disk_usage(cache_dir).free
     if need > free:

@@ -39,6 +39,16 @@ def test_cache_is_reused_while_files_are_unchanged_and_rebuilt_after(tmp_path):
     assert np.array_equal(rebuilt.get([1])[0], to_square(paths[1], 32))
 
 
+def test_a_cache_for_another_list_of_files_is_replaced_and_other_sizes_are_kept(tmp_path):
+    paths = [photo(tmp_path / f"{i}.jpg", 80, 60, i) for i in range(3)]
+    build_cache(paths, 32, tmp_path / "cache")
+    build_cache(paths, 24, tmp_path / "cache")  # another model's resolution
+    build_cache(paths[:2], 32, tmp_path / "cache")  # one image gone: the 3-image cache of 32 px is stale
+    left = sorted(p.name.split("-")[1] for p in (tmp_path / "cache").iterdir())
+    assert left == ["24px", "24px", "32px", "32px"]  # one .npy and one .json each
+    assert np.load(next((tmp_path / "cache").glob("images-32px-*.npy")), mmap_mode="r").shape[0] == 2
+
+
 def test_cache_reports_files_that_do_not_decode(tmp_path):
     paths = [photo(tmp_path / "ok.jpg", 40, 40), tmp_path / "broken.jpg"]
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
