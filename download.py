@@ -29,6 +29,8 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
         width, height = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
         p.error(f"--image-size must look like 128x128, got {args.image_size!r}")
+    if min(width, height) < 16:
+        p.error(f"--image-size {args.image_size}: the shapes need at least 16x16 pixels")
     if args.num_images < 20:
         p.error(f"--num-images must be at least 20 (a train, val and test split), got {args.num_images}")
     make_shapes(out, args.num_images, width, height, args.seed, workers=os.cpu_count() or 1,

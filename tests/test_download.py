@@ -355,3 +355,16 @@ def test_kaggle_key_never_reaches_logs_metrics_or_checkpoints(tmp_path, kaggle_z
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "checkpoint.json" for p in files) and any(p.name == "metrics.jsonl" for p in files)
     assert [p for p in files if KEY.encode() in p.read_bytes()] == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image-size", "128"], "--image-size must look like 128x128"),
+    (["--image-size", "0x0"], "need at least 16x16 pixels"),
+    (["--image-size=-5x10"], "need at least 16x16 pixels"),
+    (["--num-images", "5"], "--num-images must be at least 20"),
+])
+def test_shapes_flags_are_checked_before_drawing(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        download.main(["--dataset", "shapes", "--out", str(tmp_path / "shapes"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "shapes").exists()
