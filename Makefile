@@ -19,9 +19,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-data: data/shapes/results.csv
-
-data/shapes/results.csv: | venv
+data: venv  # draws the set, or says that data/shapes already holds it
 	$(PY) download.py --dataset shapes --out data/shapes
 
 demo: venv data

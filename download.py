@@ -13,7 +13,9 @@ kaggle_auth.py for where). Everything found goes into DIR/prepare_report.json (s
 """
 
 import argparse
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +24,12 @@ from tqdm import tqdm
 from kaggle_auth import CredentialsError, kaggle_api, resolve_credentials
 from prepare import DATASETS, PrepareError, fetch, prepare
 from shapes import make_shapes
+from utils import write_json
+
+
+SHAPES_RECIPE = "shapes.json"  # how a shapes folder was drawn: the same request again has nothing to do
+# what a shapes folder holds once drawn, prepared and trained on
+SHAPES_FOLDER = {"images", "results.csv", SHAPES_RECIPE, "prepare_report.json", "splits.json", "tokenizer", ".cache"}
 
 
 def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
@@ -33,8 +41,21 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
         p.error(f"--image-size {args.image_size}: the shapes need at least 16x16 pixels")
     if args.num_images < 20:
         p.error(f"--num-images must be at least 20 (a train, val and test split), got {args.num_images}")
+    out = Path(out)
+    recipe = {"num_images": args.num_images, "image_size": f"{width}x{height}", "seed": args.seed}
+    if (out / "results.csv").exists() and (out / SHAPES_RECIPE).exists():
+        if json.loads((out / SHAPES_RECIPE).read_text()) == recipe:
+            print(f"{out} already holds this set ({args.num_images} images of {width}x{height}, seed {args.seed})")
+            return
+    if out.exists():
+        strangers = sorted(p.name for p in out.iterdir() if p.name not in SHAPES_FOLDER)
+        if strangers:
+            p.error(f"{out} holds files a shapes set does not make ({strangers[:3]}); choose another --out")
+        shutil.rmtree(out / "images", ignore_errors=True)  # another set drawn before: start clean
+        (out / "results.csv").unlink(missing_ok=True)
     make_shapes(out, args.num_images, width, height, args.seed, workers=os.cpu_count() or 1,
                 progress=lambda it, total: tqdm(it, total=total, desc="drawing shapes", unit="img"))
+    write_json(out / SHAPES_RECIPE, recipe)
     print(f"wrote {args.num_images} images and {5 * args.num_images} captions to {out}")
 
 

@@ -368,3 +368,18 @@ def test_shapes_flags_are_checked_before_drawing(argv, message, tmp_path, capsys
         download.main(["--dataset", "shapes", "--out", str(tmp_path / "shapes"), *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "shapes").exists()
+
+
+def test_shapes_are_drawn_once_per_request_and_redrawn_clean_for_another(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    args = ["--dataset", "shapes", "--out", str(out), "--image-size", "32x32"]
+    assert download.main(args + ["--num-images", "30"]) == 0
+    stamp = (out / "results.csv").stat().st_mtime_ns
+    assert download.main(args + ["--num-images", "30"]) == 0
+    assert "already holds this set" in capsys.readouterr().out and (out / "results.csv").stat().st_mtime_ns == stamp
+    assert download.main(args + ["--num-images", "25"]) == 0  # another set: no image of the old one stays behind
+    assert len(list((out / "images").iterdir())) == 25 and len(CaptionData(out, verbose=False).names) == 25
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        download.main(args + ["--num-images", "20"])
+    assert "holds files a shapes set does not make (['notes.txt'])" in capsys.readouterr().err
