@@ -1,6 +1,6 @@
 """Captioned images on disk -> splits -> batches.
 
-On-disk formats (see README, "Data formats"), all read the same way:
+On-disk formats (see README, "Your own data"), all read the same way:
 - Kaggle Flickr30k: `results.csv` (`image_name| comment_number| comment`, `|`-separated with leading spaces) beside
   an image folder; the built-in shapes set uses it too.
 - Kaggle Flickr8k and bring-your-own: `captions.txt` or `captions.csv` with an `image,caption` header.
