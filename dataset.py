@@ -46,6 +46,10 @@ def find_layout(data_dir) -> tuple[Path, Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist; create it with `python download.py` "
                                 f"(Flickr30k) or `python download.py --dataset shapes --out {root}` (built-in set)")
+    if not any(root.iterdir()):
+        raise FileNotFoundError(f"data folder {root} is empty (a download that did not finish?); fill it with "
+                                f"`python download.py --out {root}` (Flickr30k) or `python download.py --dataset "
+                                f"shapes --out {root}` (built-in set)")
     captions = next((root / n for n in CAPTION_FILES if (root / n).is_file()), None)
     images = next((root / n for n in IMAGE_DIRS if (root / n).is_dir()), None)
     if captions is None or images is None:

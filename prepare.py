@@ -344,6 +344,7 @@ def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers:
     every file since its report is left as it is. workers: processes for decoding (0 = one per CPU)."""
     data_dir = Path(data_dir)
     caption_file, image_dir = find_layout(data_dir)
+    previous = (data_dir / "splits.json").read_bytes() if (data_dir / "splits.json").exists() else None
     if split_file:
         write_json(data_dir / "splits.json", read_split_file(split_file))
     image_files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
@@ -362,6 +363,12 @@ def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers:
         bad = find_bad_images(image_files, workers or os.cpu_count() or 1)
     report = {**build_report(data_dir, spec, image_files, bad),
               "fingerprint": stamp, "images_fingerprint": images_stamp}
+    if split_file and report["splits"] is None:  # keep no split file that training could not use
+        if previous is None:
+            (data_dir / "splits.json").unlink()
+        else:
+            (data_dir / "splits.json").write_bytes(previous)
+        raise PrepareError(f"--split-file {split_file} does not fit {data_dir}: {report['warnings'][-1]}")
     write_json(data_dir / REPORT, report)
     summarize(data_dir, report)
     return report

@@ -288,6 +288,17 @@ def test_split_file_sizes_reach_the_report_and_training_data(tmp_path, kaggle_zi
     assert report_of(out)["split_rule"] == "splits.json"
     assert {s: len(split) for s, split in CaptionData(out, verbose=False).splits.items()} == expected
 
+    # a split file naming none of this folder's val images is refused, and the one that works stays in place
+    unusable = karpathy_json(tmp_path / "other.json", {**splits, "val": ["1.jpg", "2.jpg"]})
+    with pytest.raises(SystemExit, match="--split-file .*other.json does not fit"):
+        run(["--prepare", str(out), "--split-file", str(unusable)])
+    assert {s: len(split) for s, split in CaptionData(out, verbose=False).splits.items()} == expected
+
+
+def test_an_empty_data_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is empty .*python download.py"):
+        CaptionData(tmp_path, verbose=False)
+
 
 # --- other formats feed train.py ---
 
