@@ -155,6 +155,10 @@ def capture(model, cfg: Config, tokenizer, state: dict, provenance: dict, optimi
 def write(snapshot: Snapshot, run_dir, links) -> Path:
     """Write the snapshot as RUN/checkpoints/<step folder> and point each name in `links` ("last", "best") at it."""
     run_dir = Path(run_dir)
+    broken = [k for k, v in snapshot.weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # the loss is checked before each save, but a step's gradients can still break the weights
+        raise FloatingPointError(f"not saving {snapshot.folder_name}: {len(broken)} weights hold nan or inf (e.g. "
+                                 f"{broken[:3]}); {run_dir}/last still holds the previous checkpoint")
     final = run_dir / CHECKPOINTS / snapshot.folder_name
     tmp = run_dir / CHECKPOINTS / f".{snapshot.folder_name}.tmp"
     if tmp.exists():

@@ -312,6 +312,17 @@ def test_resume_with_fused_adamw_on_channels_last_weights_continues_exactly(tiny
     assert {g["name"]: g["base_lr"] for g in other.param_groups}["head"] == 0.5
 
 
+def test_weights_with_nan_are_never_saved(tiny_run, tmp_path):
+    run, _ = tiny_run
+    model, cfg, tokenizer = checkpoint.load_model(run / "best")
+    checkpoint.save_checkpoint(tmp_path, ["last"], model, cfg, tokenizer, {"step": 1}, {})
+    with torch.no_grad():
+        model.text_projection.fc.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="text_projection.fc.weight"):
+        checkpoint.save_checkpoint(tmp_path, ["last"], model, cfg, tokenizer, {"step": 2}, {})
+    assert os.readlink(tmp_path / "last") == "checkpoints/step-00000001"
+
+
 def test_a_failed_background_write_is_raised_where_the_trainer_waits(tiny_run, tmp_path):
     run, _ = tiny_run
     model, cfg, tokenizer = checkpoint.load_model(run / "best")
