@@ -191,13 +191,20 @@ def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "cach
 
 
 def sample_boxes(generator: torch.Generator, n: int, size: int, scale_min: float,
-                 ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+                 ratio=(3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
     """(n, 4) integer crop boxes (x0, y0, w, h) in an S x S square, as torchvision's RandomResizedCrop samples them:
-    area share uniform in [scale_min, 1], log aspect ratio uniform in `ratio`, position uniform."""
-    area = torch.empty(n).uniform_(scale_min, 1.0, generator=generator) * size * size
-    log_r = torch.empty(n).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=generator)
-    w = torch.sqrt(area * torch.exp(log_r)).round().clamp(1, size)
-    h = torch.sqrt(area / torch.exp(log_r)).round().clamp(1, size)
+    area share uniform in [scale_min, 1] and log aspect ratio uniform in `ratio`, drawn up to `tries` times until
+    the box fits (else the whole square), then a uniform position. Clamping a box that does not fit instead would
+    shrink its area below scale_min."""
+    area = torch.empty(n, tries).uniform_(scale_min, 1.0, generator=generator) * size * size
+    log_r = torch.empty(n, tries).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=generator)
+    w = torch.sqrt(area * torch.exp(log_r)).round()  # (n, tries)
+    h = torch.sqrt(area / torch.exp(log_r)).round()
+    fits = (w >= 1) & (w <= size) & (h >= 1) & (h <= size)
+    first = fits.int().argmax(1, keepdim=True)  # (n, 1): the first draw that fits
+    whole = torch.full((n,), float(size))
+    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], whole)
+    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], whole)
     x0 = (torch.rand(n, generator=generator) * (size - w + 1)).floor()
     y0 = (torch.rand(n, generator=generator) * (size - h + 1)).floor()
     return torch.stack([x0, y0, w, h], dim=1)
