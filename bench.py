@@ -46,7 +46,7 @@ from transformers import BertConfig, DistilBertConfig, DistilBertModel
 from checkpoint import BackgroundWriter, capture, save_checkpoint
 from clip import CLIPModel, clip_loss
 from config import Config
-from dataset import CaptionData, Split, TrainBatches, batch_loader
+from dataset import PREFETCH, CaptionData, Split, TrainBatches, batch_loader
 from distributed import Dist
 from engine import make_optimizer, train_step
 from evaluate import evaluate
@@ -65,8 +65,7 @@ class Sizes:
     text_width: int
     text_heads: int
     vocab: int
-    tokens: int  # padded caption length of the synthetic batches
-    short_tokens: int  # a typical padded Flickr caption batch
+    tokens: int  # padded caption length of every batch: what train.py --compile pads Flickr captions to
     tutorial_batch: int
     batch: int
     big_batch: int
@@ -78,8 +77,8 @@ class Sizes:
     eval_images: int
 
 
-FULL = Sizes("resnet50", 224, 6, 768, 12, 30522, 48, 32, 32, 256, 512, 20, 5, 12, 6144, (500, 375), 1000)
-TINY = Sizes("resnet10t", 32, 2, 64, 2, 1000, 16, 12, 8, 16, 16, 3, 1, 0, 120, (125, 94), 40)
+FULL = Sizes("resnet50", 224, 6, 768, 12, 30522, 48, 32, 256, 512, 20, 5, 12, 6144, (500, 375), 1000)
+TINY = Sizes("resnet10t", 32, 2, 64, 2, 1000, 16, 8, 16, 16, 3, 1, 2, 120, (125, 94), 40)
 
 
 def row(section: str, name: str, samples_s: float, flops_per_sample: float, batch: int) -> dict:
@@ -92,16 +91,17 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def throughput(step, samples: int, sizes: Sizes, device) -> float:
+def throughput(step, samples: int, sizes: Sizes, device, warmup: int = 0, steps: int = 0) -> float:
     """samples/s of `step()` after warm-up (which also absorbs compilation); one sync at each end."""
-    for _ in range(sizes.warmup):
+    warmup, steps = warmup or sizes.warmup, steps or sizes.steps
+    for _ in range(warmup):
         step()
     sync(device)
     start = time.perf_counter()
-    for _ in range(sizes.steps):
+    for _ in range(steps):
         step()
     sync(device)
-    return sizes.steps * samples / (time.perf_counter() - start)
+    return steps * samples / (time.perf_counter() - start)
 
 
 def synthetic_batch(n: int, sizes: Sizes, tokens: int, device):
@@ -344,17 +344,16 @@ def open_data(folder: Path, square: int, cache: str, sizes: Sizes, max_length: i
 
 
 def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, tokens: int, compile_: bool):
-    """The training loop's work per step, real data included; then the same steps on one batch already on the
-    device (augmentation still included): the difference is what loading and the host-to-device copy cost."""
+    """The training loop's work per step, real data included, and the same steps on one batch already on the
+    device (augmentation still included): the difference is what loading and the host-to-device copy cost.
+    Every batch is padded to `tokens`, as wide as the synthetic ones and the FLOP count."""
     cfg = our_config(sizes, batch, compile_, tokens)
     raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
     pixels = Pixels.for_encoder(raw.image_encoder.data_config, cfg.image_size, cfg.channels_last)
     data, tokenizer = open_data(folder, pixels.square, "on", sizes, tokens)
-    split = data.splits["train"]
-    batches = TrainBatches(split, data.source, batch, tokenizer.pad_token_id, 0.9, 0, drop_last=True,
-                           fixed_length=tokens if compile_ else 0)
-    stream = iter(batch_loader(batches, batches.run_indices(1000), sizes.workers, device.type == "cuda"))
-    resident = {k: v.to(device) for k, v in next(stream).items()}  # one batch already on the device
+    batches = TrainBatches(data.splits["train"], data.source, batch, tokenizer.pad_token_id, 0.9, 0, drop_last=True,
+                           fixed_length=tokens)
+    resident = {k: v.to(device) for k, v in batches[0, 0].items()}
 
     def step(b=None):
         b = b or next(stream)
@@ -364,9 +363,14 @@ def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, toke
 
     kind = f"{'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens"
     flops = our_flops(raw, sizes, tokens, device)
-    return [row("d", f"ours, end to end, {kind}", throughput(step, batch, sizes, device), flops, batch),
-            row("d", f"ours, same steps, one batch already on the device, {kind}",
-                throughput(lambda: step(resident), batch, sizes, device), flops, batch)]
+    on_device = throughput(lambda: step(resident), batch, sizes, device)  # its warm-up also compiles
+    # The loader starts only now, so that nothing it read ahead during compilation is timed. The batches its
+    # workers queue up at the start are run untimed, and the timing covers twice as many again.
+    queued = max(1, sizes.workers) * PREFETCH
+    stream = iter(batch_loader(batches, batches.run_indices(1000), sizes.workers, device.type == "cuda"))
+    loaded = throughput(step, batch, sizes, device, warmup=queued, steps=max(sizes.steps, 2 * queued))
+    return [row("d", f"ours, end to end, {kind}", loaded, flops, batch),
+            row("d", f"ours, same steps, one batch already on the device, {kind}", on_device, flops, batch)]
 
 
 def bench_pipeline(sizes: Sizes, device, folder: Path, cache: str, batch: int):
@@ -386,7 +390,8 @@ def bench_pipeline(sizes: Sizes, device, folder: Path, cache: str, batch: int):
         b = next(loader)
         pixels(b["pixels"], b["boxes"], device)
 
-    rate = throughput(step, batch, sizes, device)
+    queued = max(1, sizes.workers) * PREFETCH  # as in (d): the workers' first queue untimed, then twice as many
+    rate = throughput(step, batch, sizes, device, warmup=queued, steps=max(sizes.steps, 2 * queued))
     what = "cached squares" if cache == "on" else "decoding JPEGs"
     return {"section": "e", "name": f"input pipeline, {what}", "images_s": rate,
             "text": f"{rate:,.0f} images/s ({sizes.workers} workers)"}
@@ -422,19 +427,28 @@ def bench_checkpoint(sizes: Sizes, device, dtype, root: Path):
                dtype, 1.0)  # the optimiser's moments exist from the first step on
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = train_wordpiece(["a red circle", "a blue square"], 100, root / "checkpoint-tokenizer")
+    writer, step = BackgroundWriter(), iter(range(1, 100))
+    saves = {  # what the loop waits for: the whole save, or the copy off the device
+        "in place": lambda run: save_checkpoint(run, ["last"], raw, cfg, tokenizer, {"step": next(step)}, {},
+                                                optimizer, scaler),
+        "background": lambda run: writer.submit(capture(raw, cfg, tokenizer, {"step": next(step)}, {}, optimizer,
+                                                        scaler), run, ["last"]),
+    }
+    waits = {kind: [] for kind in saves}
     with tempfile.TemporaryDirectory(dir=root) as run:
-        start = time.perf_counter()
-        folder = save_checkpoint(run, ["last"], raw, cfg, tokenizer, {"step": 1}, {}, optimizer, scaler)
-        in_place = time.perf_counter() - start
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        writer = BackgroundWriter()
-        start = time.perf_counter()
-        writer.submit(capture(raw, cfg, tokenizer, {"step": 2}, {}, optimizer, scaler), run, ["last"])
-        waited = time.perf_counter() - start
+        for round_ in range(4):  # the first round warms both up (the first save of a process is the slowest)
+            for kind, save in saves.items():
+                writer.wait()
+                start = time.perf_counter()
+                save(run)
+                if round_:
+                    waits[kind].append(time.perf_counter() - start)
         writer.wait()
+        size = sum(f.stat().st_size for f in Path(run, "last").resolve().rglob("*") if f.is_file())
+    in_place, waited = (float(np.median(waits[kind])) for kind in saves)
     return {"section": "g", "name": "checkpoint", "seconds": in_place, "waited_seconds": waited, "gb": size / 1e9,
             "text": f"{size / 1e9:.2f} GB; the loop waits {in_place:.2f} s writing it in place, {waited:.2f} s with "
-                    f"the background writer"}
+                    f"the background writer (medians of 3)"}
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -463,7 +477,7 @@ def main(argv=None) -> dict:
     print(f"{card}: measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
     folder = flickr_sized_shapes(sizes, Path(args.data_root))
 
-    S, B, T, short = sizes.batch, sizes.big_batch, sizes.tokens, sizes.short_tokens
+    S, B, T = sizes.batch, sizes.big_batch, sizes.tokens
     # cheap sections first, so a time limit costs the compiled ones (a minute or more to compile each)
     sections = [
         ("tutorial", lambda: bench_tutorial(sizes, device)),
@@ -474,12 +488,12 @@ def main(argv=None) -> dict:
         ("eval", lambda: [bench_eval(sizes, device, dtype, folder)]),
         ("checkpoint", lambda: [bench_checkpoint(sizes, device, dtype, Path(args.data_root))]),
         ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True, profile_dir=args.profile)),
-        ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, short, True)),
+        ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, T, True)),
     ]
     if args.sweep:
         for label, mode, knobs, factor, overrides in SWEEP:
             sections.append((f"sweep: {label}", functools.partial(
-                bench_ours, sizes, device, dtype, int(B * factor), short, True, mode, knobs, overrides, f", {label}",
+                bench_ours, sizes, device, dtype, int(B * factor), T, True, mode, knobs, overrides, f", {label}",
                 args.profile)))
     baselines = {}
     for tag, fn in sections:

@@ -400,8 +400,11 @@ class EvalImages(Dataset):
         return {"pixels": torch.from_numpy(self.source.get(rows)), "boxes": full_boxes(len(rows), self.source.size)}
 
 
+PREFETCH = 4  # batches each loader worker prepares ahead
+
+
 def batch_loader(batches: Dataset, indices, num_workers: int, pin_memory: bool) -> DataLoader:
     """Load whole batches (the dataset returns batches) in the order of `indices`, in worker processes."""
     return DataLoader(batches, batch_size=None, sampler=indices, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None,
+                      prefetch_factor=PREFETCH if num_workers else None,
                       generator=torch.Generator())  # own generator: never draws from the global RNG (exact resume)
