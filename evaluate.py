@@ -93,8 +93,8 @@ def paired_loss(image_emb, text_emb, split: Split, logit_scale, batch_size: int)
         for lo in range(0, len(images), batch_size):
             i, c = images[lo:lo + batch_size], captions[lo:lo + batch_size]
             if len(i) > 1:
-                losses.append(clip_loss(image_emb[i], text_emb[c], logit_scale).item())
-    return float(np.mean(losses)) if losses else float("nan")  # a one-image split has no negatives
+                losses.append(clip_loss(image_emb[i], text_emb[c], logit_scale))
+    return torch.stack(losses).mean().item() if losses else float("nan")  # a one-image split has no negatives
 
 
 def evaluate(model, split: Split, source, pixels: Pixels, pad_id: int, device, dtype, batch_size: int,
