@@ -48,7 +48,7 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
             print(f"{out} already holds this set ({args.num_images} images of {width}x{height}, seed {args.seed})")
             return
     if out.exists():
-        strangers = sorted(p.name for p in out.iterdir() if p.name not in SHAPES_FOLDER)
+        strangers = sorted(f.name for f in out.iterdir() if f.name not in SHAPES_FOLDER)
         if strangers:
             p.error(f"{out} holds files a shapes set does not make ({strangers[:3]}); choose another --out")
         shutil.rmtree(out / "images", ignore_errors=True)  # another set drawn before: start clean
