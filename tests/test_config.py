@@ -3,8 +3,10 @@
 import dataclasses
 
 import pytest
+import torch
 
 from config import PRESETS, Config, build_parser, config_from_dict, field_notes, parse_config
+from utils import inference_precision, pick_precision
 
 
 def test_defaults_are_the_flickr30k_recipe():
@@ -60,3 +62,12 @@ def test_every_flag_explains_itself_in_help():
     assert notes["crop_scale_min"].endswith("(so no flips or colour jitter either), as in open_clip")  # two lines
     text = " ".join(build_parser().format_help().split())  # unwrapped
     assert "contrastive batch per process" in text and "99% of Flickr30k captions fit in 40" in text
+
+
+def test_a_run_trained_in_fp16_evaluates_on_a_cpu():
+    """Training refuses fp16 on a CPU; evaluation and search fall back to the CPU's own precision."""
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="--precision fp16 is not supported on the CPU"):
+        pick_precision("fp16", cpu)
+    assert inference_precision("fp16", cpu) == torch.float32
+    assert inference_precision("bf16", cpu) == torch.bfloat16  # the run's own precision wherever the device has it
