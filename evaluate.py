@@ -19,7 +19,7 @@ from checkpoint import load_model
 from clip import clip_loss
 from dataset import CaptionData, EvalImages, Split, batch_loader, text_batch
 from images import Pixels
-from utils import autocast, inference_precision, pick_device, write_json
+from utils import autocast, inference_precision, pick_device, trained_data_dir, write_json
 
 KS = (1, 5, 10)
 
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
         device = pick_device(args.device)
         model, cfg, tokenizer = load_model(args.checkpoint, device)
         dtype = inference_precision(cfg.precision, device)
-        data = CaptionData(args.data_dir or cfg.data_dir)
+        data = CaptionData(args.data_dir or trained_data_dir(cfg.data_dir))
         pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
         data.open_images(pixels.square, args.image_cache, args.num_workers)
         data.tokenize(tokenizer, cfg.max_length)

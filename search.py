@@ -33,7 +33,7 @@ from dataset import IMAGE_EXTS, CaptionData
 from evaluate import embed_images, embed_texts
 from images import Pixels, check_image, fingerprint, full_boxes, to_square
 from plots import curves_figure, image_to_text_figure, read_metrics, save_figure, text_to_image_figure
-from utils import REPO_DIR, autocast, inference_precision, pick_device
+from utils import REPO_DIR, autocast, inference_precision, pick_device, trained_data_dir
 
 INDEX_VERSION = 1  # bump when the index layout changes: older files are then rebuilt
 TEXT_K, IMAGE_K = 9, 5  # a 3 x 3 grid of images; five captions, as many as a Flickr30k image has
@@ -152,7 +152,7 @@ def _write_index(index: Index, stamp: dict) -> None:
 
 def dataset_index(s: Searcher, data_dir=None, split: str = "test", verbose: bool = True) -> Index:
     """A data split's images and captions (default: the test split of the checkpoint's own data folder)."""
-    data = CaptionData(data_dir or s.cfg.data_dir, verbose=verbose)
+    data = CaptionData(data_dir or trained_data_dir(s.cfg.data_dir), verbose=verbose)
     if split not in data.splits:
         raise ValueError(f"no split {split!r} in {data.data_dir}; choose one of {sorted(data.splits)}")
     part = data.splits[split]

@@ -51,6 +51,15 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def trained_data_dir(data_dir: str) -> Path:
+    """The data folder a checkpoint's config names. Its path is as given to train.py, often relative to the repo
+    (data/shapes); from another working directory (a notebook kernel, a script elsewhere) look for it in the repo."""
+    path = Path(data_dir)
+    if not path.exists() and not path.is_absolute() and (REPO_DIR / path).exists():
+        return REPO_DIR / path
+    return path
+
+
 def inference_precision(precision: str, device: torch.device) -> torch.dtype:
     """The training run's precision where this device has it, else the device's default: a checkpoint trained in
     fp16 on a GPU still evaluates and searches on a CPU."""

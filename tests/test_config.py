@@ -1,10 +1,12 @@
 """Flags come from the dataclass, presets apply first, bad settings fail before any work with the flag named."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
+import utils
 from config import PRESETS, Config, build_parser, config_from_dict, field_notes, parse_config
 from utils import inference_precision, pick_precision
 
@@ -71,3 +73,14 @@ def test_a_run_trained_in_fp16_evaluates_on_a_cpu():
         pick_precision("fp16", cpu)
     assert inference_precision("fp16", cpu) == torch.float32
     assert inference_precision("bf16", cpu) == torch.bfloat16  # the run's own precision wherever the device has it
+
+
+def test_a_checkpoints_relative_data_folder_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """Configs keep data/shapes as train.py was given it; search and evaluation started elsewhere (a notebook
+    kernel, a script in another folder) find it in the repo."""
+    (tmp_path / "repo" / "data" / "shapes").mkdir(parents=True)
+    monkeypatch.setattr(utils, "REPO_DIR", tmp_path / "repo")
+    monkeypatch.chdir(tmp_path)
+    assert utils.trained_data_dir("data/shapes") == tmp_path / "repo" / "data" / "shapes"
+    monkeypatch.chdir(tmp_path / "repo")
+    assert utils.trained_data_dir("data/shapes") == Path("data/shapes")  # as given, where that works
