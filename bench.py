@@ -104,6 +104,13 @@ def throughput(step, samples: int, sizes: Sizes, device, warmup: int = 0, steps:
     return steps * samples / (time.perf_counter() - start)
 
 
+def loader_throughput(step, samples: int, sizes: Sizes, device) -> float:
+    """throughput() of steps that draw from a data loader started just before: the batches its workers queue up at
+    the start run untimed, and the timing covers twice as many again, so read-ahead is never timed as loading."""
+    queued = max(1, sizes.workers) * PREFETCH
+    return throughput(step, samples, sizes, device, warmup=queued, steps=max(sizes.steps, 2 * queued))
+
+
 def synthetic_batch(n: int, sizes: Sizes, tokens: int, device):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n, 3, sizes.image_size, sizes.image_size, generator=g)
@@ -364,11 +371,9 @@ def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, toke
     kind = f"{'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens"
     flops = our_flops(raw, sizes, tokens, device)
     on_device = throughput(lambda: step(resident), batch, sizes, device)  # its warm-up also compiles
-    # The loader starts only now, so that nothing it read ahead during compilation is timed. The batches its
-    # workers queue up at the start are run untimed, and the timing covers twice as many again.
-    queued = max(1, sizes.workers) * PREFETCH
+    # the loader starts only now, so that nothing it read ahead during compilation is timed
     stream = iter(batch_loader(batches, batches.run_indices(1000), sizes.workers, device.type == "cuda"))
-    loaded = throughput(step, batch, sizes, device, warmup=queued, steps=max(sizes.steps, 2 * queued))
+    loaded = loader_throughput(step, batch, sizes, device)
     return [row("d", f"ours, end to end, {kind}", loaded, flops, batch),
             row("d", f"ours, same steps, one batch already on the device, {kind}", on_device, flops, batch)]
 
@@ -390,8 +395,7 @@ def bench_pipeline(sizes: Sizes, device, folder: Path, cache: str, batch: int):
         b = next(loader)
         pixels(b["pixels"], b["boxes"], device)
 
-    queued = max(1, sizes.workers) * PREFETCH  # as in (d): the workers' first queue untimed, then twice as many
-    rate = throughput(step, batch, sizes, device, warmup=queued, steps=max(sizes.steps, 2 * queued))
+    rate = loader_throughput(step, batch, sizes, device)
     what = "cached squares" if cache == "on" else "decoding JPEGs"
     return {"section": "e", "name": f"input pipeline, {what}", "images_s": rate,
             "text": f"{rate:,.0f} images/s ({sizes.workers} workers)"}
