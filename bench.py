@@ -46,15 +46,16 @@ from transformers import BertConfig, DistilBertConfig, DistilBertModel
 from checkpoint import BackgroundWriter, capture, save_checkpoint
 from clip import CLIPModel, clip_loss
 from config import Config
-from dataset import PREFETCH, CaptionData, Split, TrainBatches, batch_loader
+from dataset import PREFETCH, TEXT_KEYS, CaptionData, Split, TrainBatches, batch_loader
 from distributed import Dist
-from engine import make_optimizer, train_step
+from engine import make_optimizer, micro_texts, train_step
 from evaluate import evaluate
 from images import JpegSource, Pixels
 from modules import ProjectionHead
+from packing import token_index
 from shapes import make_shapes
 from tokenizer import train_wordpiece
-from utils import pick_device, provenance
+from utils import autocast, pick_device, provenance
 
 
 @dataclass
@@ -111,14 +112,16 @@ def loader_throughput(step, samples: int, sizes: Sizes, device) -> float:
     return throughput(step, samples, sizes, device, warmup=queued, steps=max(sizes.steps, 2 * queued))
 
 
-def synthetic_batch(n: int, sizes: Sizes, tokens: int, device):
+def synthetic_batch(n: int, sizes: Sizes, tokens: int, device) -> tuple[torch.Tensor, dict]:
+    """Random pixels (n, 3, S, S) and a text batch: token ids and mask (n, tokens), and token_index (packing.py)."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n, 3, sizes.image_size, sizes.image_size, generator=g)
     ids = torch.randint(1000 % sizes.vocab, sizes.vocab, (n, tokens), generator=g)
     lengths = torch.randint(tokens // 3, tokens + 1, (n,), generator=g)  # caption-like padding
     mask = torch.arange(tokens)[None, :] < lengths[:, None]
     ids[~mask] = 0
-    return images.to(device), ids.to(device), mask.to(device)
+    text = {"input_ids": ids, "attention_mask": mask, "token_index": torch.from_numpy(token_index(mask.numpy()))}
+    return images.to(device), {k: v.to(device) for k, v in text.items()}
 
 
 def step_flops(fn) -> float:
@@ -191,7 +194,8 @@ def cuda_backends(benchmark: bool, matmul_tf32: bool, conv_tf32: bool):
 def bench_tutorial(sizes: Sizes, device):
     model = TutorialCLIP(sizes).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
-    batch = synthetic_batch(sizes.tutorial_batch, sizes, sizes.tokens, device)
+    images, text = synthetic_batch(sizes.tutorial_batch, sizes, sizes.tokens, device)
+    batch = images, text["input_ids"], text["attention_mask"]
 
     def step():
         loss = model(*batch)
@@ -223,7 +227,8 @@ def bench_open_clip(sizes: Sizes, device, dtype):
                                  vocab_size=sizes.vocab)).to(device).train()
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2)
-    images, ids, _ = synthetic_batch(sizes.batch, sizes, sizes.tokens, device)
+    images, text = synthetic_batch(sizes.batch, sizes, sizes.tokens, device)
+    ids = text["input_ids"]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def forward():
@@ -264,12 +269,14 @@ def our_model(cfg: Config, sizes: Sizes, device, dtype):
     return raw, model, optimizer, scaler
 
 
-def our_flops(raw: CLIPModel, sizes: Sizes, tokens: int, device) -> float:
-    """Forward + backward FLOPs per sample of our model (counted on a batch of 8; the loss's N^2 part is noise)."""
-    images, ids, mask = synthetic_batch(8, sizes, tokens, device)
-    flops = step_flops(lambda: clip_loss(*raw(images, ids, mask)).backward())
+def our_flops(raw: CLIPModel, images: torch.Tensor, text: dict, device, dtype) -> float:
+    """Forward + backward FLOPs per sample of our model on a batch: a packed text tower's work depends on how many
+    tokens are real."""
+    (ids,), (mask,), (index,) = micro_texts(text, 1)
+    with autocast(device, dtype):
+        flops = step_flops(lambda: clip_loss(*raw(images, ids, mask, index)).backward())
     raw.zero_grad(set_to_none=True)
-    return flops / 8
+    return flops / len(images)
 
 
 def profile(step, device, out: Path, steps: int = 3) -> str:
@@ -298,14 +305,17 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
     same step."""
     cfg = our_config(sizes, batch, compile_, tokens, mode, **(overrides or {}))
     raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
-    images, ids, mask = synthetic_batch(batch, sizes, tokens, device)
+    images, text = synthetic_batch(batch, sizes, tokens, device)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    if not cfg.pack_text:
+        del text["token_index"]
 
     def step():
-        train_step(model, raw, optimizer, scaler, images, ids, mask, cfg, Dist(), device, dtype, 1.0)
+        train_step(model, raw, optimizer, scaler, images, text, cfg, Dist(), device, dtype, 1.0)
 
     name = f"ours, {'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens, synthetic{label}"
+    flops = our_flops(raw, images, text, device, dtype)
     try:
         with torch._inductor.config.patch(inductor or {}):
             rate = throughput(step, batch, sizes, device)
@@ -313,7 +323,7 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
                 profile(step, device, profile_dir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
     finally:
         torch._dynamo.reset()  # the next variant compiles afresh (and frees this one's CUDA-graph memory)
-    return [row("c", name, rate, our_flops(raw, sizes, tokens, device), batch)]
+    return [row("c", name, rate, flops, batch)]
 
 
 # Variants of the compiled step worth measuring on each new card or torch release (python bench.py --sweep), at the
@@ -321,6 +331,7 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
 # (label, torch.compile mode, inductor settings, batch multiple, Config overrides).
 SWEEP = [  # cheapest to compile first; max-autotune can take many minutes
     ("default mode", "default", {}, 1, {}),
+    ("text padded (no packing)", "default", {}, 1, {"pack_text": False}),
     ("CUDA graphs + 1x1 convolutions as matmuls + frozen batch-norm statistics", "reduce-overhead",
      {"conv_1x1_as_mm": True}, 1, {"image_freeze_bn_stats": True}),  # the cheap ones together, then one by one
     ("CUDA graphs (reduce-overhead)", "reduce-overhead", {}, 1, {}),
@@ -359,20 +370,22 @@ def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, toke
     pixels = Pixels.for_encoder(raw.image_encoder.data_config, cfg.image_size, cfg.channels_last)
     data, tokenizer = open_data(folder, pixels.square, "on", sizes, tokens)
     batches = TrainBatches(data.splits["train"], data.source, batch, tokenizer.pad_token_id, 0.9, 0, drop_last=True,
-                           fixed_length=tokens)
+                           fixed_length=tokens, pack_chunks=1)
+    indices = batches.run_indices(1000)
+    batches.fix_token_capacity(1000)  # as train.py: one token_index shape
     resident = {k: v.to(device) for k, v in batches[0, 0].items()}
 
     def step(b=None):
         b = b or next(stream)
         images = pixels(b["pixels"], b["boxes"], device)
-        train_step(model, raw, optimizer, scaler, images, b["input_ids"].to(device, non_blocking=True),
-                   b["attention_mask"].to(device, non_blocking=True), cfg, Dist(), device, dtype, 1.0)
+        text = {k: b[k].to(device, non_blocking=True) for k in TEXT_KEYS}
+        train_step(model, raw, optimizer, scaler, images, text, cfg, Dist(), device, dtype, 1.0)
 
     kind = f"{'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens"
-    flops = our_flops(raw, sizes, tokens, device)
+    flops = our_flops(raw, pixels(resident["pixels"], resident["boxes"], device), resident, device, dtype)
     on_device = throughput(lambda: step(resident), batch, sizes, device)  # its warm-up also compiles
     # the loader starts only now, so that nothing it read ahead during compilation is timed
-    stream = iter(batch_loader(batches, batches.run_indices(1000), sizes.workers, device.type == "cuda"))
+    stream = iter(batch_loader(batches, indices, sizes.workers, device.type == "cuda"))
     loaded = loader_throughput(step, batch, sizes, device)
     return [row("d", f"ours, end to end, {kind}", loaded, flops, batch),
             row("d", f"ours, same steps, one batch already on the device, {kind}", on_device, flops, batch)]
@@ -487,6 +500,8 @@ def main(argv=None) -> dict:
         ("tutorial", lambda: bench_tutorial(sizes, device)),
         ("open_clip", lambda: bench_open_clip(sizes, device, dtype)),
         ("eager", lambda: bench_ours(sizes, device, dtype, S, T, False, profile_dir=args.profile)),
+        ("eager_padded", lambda: bench_ours(sizes, device, dtype, S, T, False, overrides={"pack_text": False},
+                                            label=", text padded (no packing)")),
         ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True, profile_dir=args.profile)),
         ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, T, True)),
         ("pipeline", lambda: [bench_pipeline(sizes, device, folder, cache, S) for cache in ("on", "off")]),

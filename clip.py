@@ -48,17 +48,19 @@ class CLIPModel(nn.Module):
         """(B, 3, H, W) normalised pixels -> (B, D) unit-length embeddings."""
         return F.normalize(self.image_projection(self.image_encoder(images)), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids and mask -> (B, D) unit-length embeddings."""
-        return F.normalize(self.text_projection(self.text_encoder(input_ids, attention_mask)), dim=-1)
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, D) unit-length embeddings. token_index (T,): the flat positions of the
+        real tokens (packing.token_index), so that the text tower skips the padding; the result is the same."""
+        return F.normalize(self.text_projection(self.text_encoder(input_ids, attention_mask, token_index)), dim=-1)
 
     def scale(self) -> torch.Tensor:
         """The logit multiplier exp(logit_scale). Each training step caps the parameter at ln(100) afterwards, as
         open_clip does; capping it here instead would cut its gradient at the cap, and it could never come back."""
         return self.logit_scale.exp()
 
-    def forward(self, images, input_ids, attention_mask):
-        return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.scale()
+    def forward(self, images, input_ids, attention_mask, token_index=None):
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask, token_index), self.scale()
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,8 @@ class Config:
     tokenizer: str = ""  # "" = the text model's own; "local" = WordPiece trained on the captions (DATA/tokenizer)
     vocab_size: int = 8000  # upper bound on the vocabulary of a locally trained tokenizer
     max_length: int = 48  # tokens per caption; longer captions are cut (99% of Flickr30k captions fit in 40)
+    pack_text: bool = True  # in training, DistilBERT/BERT skip the padding: their per-token layers run on the real
+    #                         tokens only (packing.py); the same results with less work. Other models run padded
 
     # --- heads and loss ---
     projection_dim: int = 256  # shared embedding size, as in the tutorial

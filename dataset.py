@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from images import JpegSource, build_cache, find_bad_images, full_boxes, sample_boxes
+from packing import chunk_tokens, token_index
 
 IMAGE_DIRS = ["images", "Images", "flickr30k_images", "flickr8k_images"]
 CAPTION_FILES = ["results.csv", "captions.txt", "captions.csv"]
@@ -26,6 +27,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SPLIT_SEED = 0  # fixed, independent of --seed, so every run of a data set uses the same test images
 EVAL_SHARE, EVAL_MAX = 0.05, 1000
 SPLITS = ("train", "val", "test")
+TEXT_KEYS = ("input_ids", "attention_mask", "token_index")  # a batch's text, as engine.train_step takes it
 
 
 @dataclass
@@ -307,15 +309,22 @@ class CaptionData:
             split.lengths = enc["attention_mask"].sum(1).astype(np.int32)
 
 
-def text_batch(split: Split, caption_idx: np.ndarray, pad_id: int, fixed_length: int = 0) -> dict:
+def text_batch(split: Split, caption_idx: np.ndarray, pad_id: int, fixed_length: int = 0, pack_chunks: int = 0,
+               token_capacity: int = 0) -> dict:
     """Token ids and mask for some captions, padded only as far as the longest (rounded up to a multiple of 8 for
-    tensor cores); fixed_length > 0 pads to exactly that, so compiled models see one shape."""
+    tensor cores); fixed_length > 0 pads to exactly that, so compiled models see one shape.
+
+    pack_chunks > 0 adds `token_index` (pack_chunks, T), the real tokens of each micro-batch (packing.token_index),
+    with T at least token_capacity."""
     lengths = split.lengths[caption_idx]
     width = fixed_length or min(split.tokens.shape[1], -(-int(lengths.max()) // 8) * 8)
     ids = split.tokens[caption_idx, :width]
     mask = np.arange(width)[None, :] < lengths[:, None]
     ids = np.where(mask, ids, pad_id)
-    return {"input_ids": torch.from_numpy(ids.astype(np.int64)), "attention_mask": torch.from_numpy(mask)}
+    batch = {"input_ids": torch.from_numpy(ids.astype(np.int64)), "attention_mask": torch.from_numpy(mask)}
+    if pack_chunks:
+        batch["token_index"] = torch.from_numpy(token_index(mask, pack_chunks, token_capacity))
+    return batch
 
 
 def epoch_plan(split: Split, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
@@ -347,14 +356,16 @@ class TrainBatches(Dataset):
     """Batch (epoch, i) of the run: uint8 squares, crop boxes and tokens; deterministic given (seed, epoch, i).
 
     Indexed by (epoch, batch) so one data loader, with the same worker processes, serves the whole run.
+    pack_chunks > 0: batches also list their real tokens per micro-batch (packing.py), `pack_chunks` micro-batches.
     """
 
     def __init__(self, split: Split, source, batch_size: int, pad_id: int, crop_scale_min: float, seed: int,
                  rank: int = 0, world: int = 1, drop_last: bool = False, fixed_length: int = 0,
-                 min_pairs: int = 2):
+                 min_pairs: int = 2, pack_chunks: int = 0):
         self.split, self.source, self.batch_size = split, source, batch_size
         self.pad_id, self.crop_scale_min, self.fixed_length = pad_id, crop_scale_min, fixed_length
         self.seed, self.rank, self.world, self.drop_last, self.min_pairs = seed, rank, world, drop_last, min_pairs
+        self.pack_chunks, self.token_capacity = pack_chunks, 0
         self.caption_image = split.caption_image
         self._plans: dict[int, list] = {}
 
@@ -367,6 +378,15 @@ class TrainBatches(Dataset):
     def __len__(self):  # batches per epoch
         return len(self.plan(0))
 
+    def fix_token_capacity(self, epochs: int) -> int:
+        """Give every batch's token_index the width of the run's fullest micro-batch: one shape, so that a compiled
+        model compiles once (and draws dropout as an eager one); returns that micro-batch's token count."""
+        most = max(chunk_tokens(self.split.lengths[captions], self.pack_chunks).max() for epoch in range(epochs)
+                   for captions in epoch_plan(self.split, self.batch_size, self.seed, epoch, self.rank, self.world,
+                                              self.drop_last, self.min_pairs))
+        self.token_capacity = int(most)
+        return self.token_capacity
+
     def __getitem__(self, index: tuple[int, int]) -> dict:
         epoch, i = index
         captions = self.plan(epoch)[i]
@@ -377,7 +397,7 @@ class TrainBatches(Dataset):
             "pixels": torch.from_numpy(self.source.get(self.split.rows[images])),  # (B, S, S, 3) uint8
             "boxes": sample_boxes(generator, len(images), self.source.size, self.crop_scale_min),  # (B, 4)
             "image_index": torch.from_numpy(images),
-            **text_batch(self.split, captions, self.pad_id, self.fixed_length),
+            **text_batch(self.split, captions, self.pad_id, self.fixed_length, self.pack_chunks, self.token_capacity),
         }
 
     def run_indices(self, epochs: int, start_epoch: int = 0, start_batch: int = 0) -> list[tuple[int, int]]:

@@ -75,8 +75,20 @@ class _ReplayRNG:
             torch.cuda.set_rng_state(self.saved[1], self.device)
 
 
-def backward_grad_cache(model, raw: CLIPModel, images, input_ids, attention_mask, chunks: int, d: Dist,
-                        local_loss: bool, device, dtype, scaler) -> torch.Tensor:
+def micro_texts(text: dict, chunks: int) -> tuple[tuple, tuple, tuple]:
+    """A text batch's ids, masks and token indices per micro-batch (rows split as tensor_split splits them).
+
+    text: input_ids and attention_mask (B, L), and optionally token_index (chunks, T): row c lists micro-batch c's
+    real tokens (packing.token_index); without it the text tower runs padded."""
+    index = text.get("token_index")
+    if index is not None and len(index) != chunks:
+        raise ValueError(f"token_index has {len(index)} rows for {chunks} micro-batches")
+    return (text["input_ids"].tensor_split(chunks), text["attention_mask"].tensor_split(chunks),
+            tuple(index) if index is not None else (None,) * chunks)
+
+
+def backward_grad_cache(model, raw: CLIPModel, images, text: dict, chunks: int, d: Dist, local_loss: bool, device,
+                        dtype, scaler) -> torch.Tensor:
     """Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
     Setup"): the same loss and gradients as one big batch, with activations for only one micro-batch at a time.
     Batch norm in training mode is the exception: it normalises each micro-batch with that micro-batch's statistics.
@@ -85,14 +97,14 @@ def backward_grad_cache(model, raw: CLIPModel, images, input_ids, attention_mask
     3. re-embed each micro-batch with a graph and push the cached embedding gradients through it.
     """
     # even micro-batches: a short last batch of n >= 2 * chunks pairs splits into parts of 2 or more
-    micro = list(zip(*(t.tensor_split(chunks) for t in (images, input_ids, attention_mask))))
+    micro = list(zip(images.tensor_split(chunks), *micro_texts(text, chunks)))
     buffers = [b.detach().clone() for b in raw.buffers()]  # batch-norm statistics: update them once, in pass 3
     rngs, image_parts, text_parts = [], [], []
     with torch.no_grad():
-        for x, ids, mask in micro:
+        for x, *t in micro:
             rngs.append(_ReplayRNG(device))
             with autocast(device, dtype):
-                img, txt, _ = model(x, ids, mask)
+                img, txt, _ = model(x, *t)
             image_parts.append(img.clone())  # under CUDA graphs the next call reuses the output memory
             text_parts.append(txt.clone())
     for b, saved in zip(raw.buffers(), buffers):
@@ -102,28 +114,30 @@ def backward_grad_cache(model, raw: CLIPModel, images, input_ids, attention_mask
     loss = contrastive_loss(image_emb, text_emb, raw.scale(), d, local_loss)
     scaler.scale(loss).backward()  # -> image_emb.grad, text_emb.grad, and the temperature's gradient
     image_grads, text_grads = image_emb.grad.tensor_split(chunks), text_emb.grad.tensor_split(chunks)
-    for i, ((x, ids, mask), rng) in enumerate(zip(micro, rngs)):
+    for i, ((x, *t), rng) in enumerate(zip(micro, rngs)):
         sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
         with rng, (model.no_sync() if not sync else contextlib.nullcontext()):
             with autocast(device, dtype):
-                img, txt, scale = model(x, ids, mask)
+                img, txt, scale = model(x, *t)
             # the scale enters with a zero gradient so that DDP sees every parameter used (its real gradient
             # was accumulated in step 2 and is averaged across ranks with the rest at the last micro-batch)
             torch.autograd.backward([img, txt, scale], [image_grads[i], text_grads[i], torch.zeros_like(scale)])
     return loss.detach()
 
 
-def train_step(model, raw: CLIPModel, optimizer, scaler, images, input_ids, attention_mask, cfg: Config, d: Dist,
-               device, dtype, lr_scale: float) -> torch.Tensor:
-    """Forward, backward and update on one batch; returns the loss as a device tensor (no host sync)."""
+def train_step(model, raw: CLIPModel, optimizer, scaler, images, text: dict, cfg: Config, d: Dist, device, dtype,
+               lr_scale: float) -> torch.Tensor:
+    """Forward, backward and update on one batch; returns the loss as a device tensor (no host sync).
+
+    images: (B, 3, H, W); text: input_ids, attention_mask and optionally token_index, as micro_texts reads them."""
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_scale
     if cfg.accum_steps > 1:
-        loss = backward_grad_cache(model, raw, images, input_ids, attention_mask, cfg.accum_steps, d,
-                                   cfg.local_loss, device, dtype, scaler)
+        loss = backward_grad_cache(model, raw, images, text, cfg.accum_steps, d, cfg.local_loss, device, dtype, scaler)
     else:
+        (ids,), (mask,), (index,) = micro_texts(text, 1)
         with autocast(device, dtype):
-            image_emb, text_emb, scale = model(images, input_ids, attention_mask)
+            image_emb, text_emb, scale = model(images, ids, mask, index)
         loss = contrastive_loss(image_emb, text_emb, scale, d, cfg.local_loss)
         scaler.scale(loss).backward()
     if cfg.grad_clip:

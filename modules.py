@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from packing import packed_forward
 from utils import hub_error
 
 
@@ -89,7 +90,8 @@ class TextEncoder(nn.Module):
     """A Hugging Face encoder: (B, L) token ids + mask -> (B, hidden) pooled by [CLS] or by the masked mean.
 
     With pretrained=True the Hub weights of `name` are loaded; otherwise `config` (a transformers config) is built
-    with random weights: checkpoints rebuild their text tower this way, with no download.
+    with random weights: checkpoints rebuild their text tower this way, with no download. Given a `token_index`
+    (packing.py), DistilBERT and BERT run their per-token layers on the real tokens only, with the same result.
     """
 
     def __init__(self, name: str, pretrained: bool, pooling: str, vocab_size: int, config=None):
@@ -106,18 +108,27 @@ class TextEncoder(nn.Module):
             self.model = _with_sdpa(AutoModel.from_config, config)
         # PyTorch's fused attention (SDPA) where the architecture has it; its own attention code otherwise
         self.sdpa = self.model.config._attn_implementation == "sdpa"
+        self.packed = packed_forward(self.model)  # the padding-free forward, or None (the architecture has none)
         self.pooling = pooling
         self.out_dim = self.model.config.hidden_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # Given a 2-D mask, transformers first asks the host whether any token is padding (`mask.all()`, a device
-        # sync in every eager step); a ready (B, 1, 1, L) boolean mask goes to SDPA as it is, with the same result.
-        mask = attention_mask[:, None, None, :].bool() if self.sdpa else attention_mask
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, H)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids and mask [, (T,) flat positions of the real tokens] -> (B, hidden)."""
+        if token_index is not None and self.packed is not None:
+            hidden = self.packed(self.model, input_ids, attention_mask, token_index)  # (B, L, H)
+        else:
+            hidden = self._padded(input_ids, attention_mask)
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def _padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Given a 2-D mask, transformers first asks the host whether any token is padding (`mask.all()`, a device
+        # sync in every eager step); a ready (B, 1, 1, L) boolean mask goes to SDPA as it is, with the same result.
+        mask = attention_mask[:, None, None, :].bool() if self.sdpa else attention_mask
+        return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, H)
 
 
 def _with_sdpa(build, arg):

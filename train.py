@@ -23,7 +23,7 @@ from checkpoint import (BackgroundWriter, capture, load_training_state, load_wei
                         rng_state)
 from clip import CLIPModel
 from config import Config, build_parser, config_from_args, config_from_dict, flag, save_config
-from dataset import CaptionData, TrainBatches, batch_loader
+from dataset import TEXT_KEYS, CaptionData, TrainBatches, batch_loader
 from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from engine import global_mean, lr_factor, make_optimizer, train_step
 from evaluate import evaluate, format_table
@@ -169,7 +169,10 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
     batches = TrainBatches(train_split, data.source, cfg.batch_size, tokenizer.pad_token_id, cfg.crop_scale_min,
                            cfg.seed, d.rank, d.world, drop_last=cfg.compile,  # compiled: one batch shape
                            fixed_length=cfg.max_length if cfg.compile else 0,
-                           min_pairs=2 * cfg.accum_steps)  # so that a short last batch has micro-batches of 2+
+                           min_pairs=2 * cfg.accum_steps,  # so that a short last batch has micro-batches of 2+
+                           pack_chunks=cfg.accum_steps if cfg.pack_text and raw.text_encoder.packed else 0)
+    if batches.pack_chunks:
+        batches.fix_token_capacity(cfg.epochs)  # one token_index shape for the whole run, eager or compiled
     if len(batches) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} x {d.world} process(es) exceeds the {len(train_split)} "
                          f"training images")
@@ -260,11 +263,9 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
 
         for batch in bar:
             images = pixels(batch["pixels"], batch["boxes"], device)
-            input_ids = batch["input_ids"].to(device, non_blocking=True)
-            attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+            text = {k: batch[k].to(device, non_blocking=True) for k in TEXT_KEYS if k in batch}
             lr_scale = lr_factor(state["step"], total_steps, warmup, cfg.min_lr_frac)
-            loss = train_step(model, raw, optimizer, scaler, images, input_ids, attention_mask, cfg, d, device,
-                              dtype, lr_scale)
+            loss = train_step(model, raw, optimizer, scaler, images, text, cfg, d, device, dtype, lr_scale)
             window += global_mean(loss, d)
             window_steps += 1
             state["step"] += 1

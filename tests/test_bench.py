@@ -21,6 +21,8 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
             assert r["vs_tutorial"] > 0 and (r["section"] == "a" or r["vs_open_clip"] > 0)
     assert {"input pipeline, cached squares", "input pipeline, decoding JPEGs", "evaluation", "checkpoint"} <= set(rows)
     assert 0 < rows["checkpoint"]["waited_seconds"] and rows["checkpoint"]["gb"] > 0
+    eager = "ours, eager, batch 16, 16 tokens, synthetic"  # packed text does less work than padded, same batch
+    assert rows[eager]["gflop_per_sample"] < rows[eager + ", text padded (no packing)"]["gflop_per_sample"]
     assert json.loads((tmp_path / "b.json").read_text())["rows"].keys() == rows.keys()
     tables = sorted((tmp_path / "profile").glob("*.txt"))
     assert [t.stem for t in tables] == ["ours-compiled-batch-16-16-tokens-synthetic",
@@ -46,7 +48,7 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
     monkeypatch.setattr(bench, "our_model", lambda cfg, *args: built.append(cfg) or our_model(cfg, *args))
     monkeypatch.setattr(bench, "SWEEP", [("plain", "default", {}, 1, {}),
                                          ("1x1 as mm", "default", {"conv_1x1_as_mm": True}, 2, {"dropout": 0.0})])
-    skip = "tutorial,open_clip,eager,e2e_eager,pipeline,eval,checkpoint,compile,e2e"
+    skip = "tutorial,open_clip,eager,eager_padded,e2e_eager,pipeline,eval,checkpoint,compile,e2e"
     results = bench.main(["--tiny", "--sweep", "--skip", skip, "--data-root", str(tmp_path / "data")])
     assert seen == [(bench.TINY.big_batch, False), (2 * bench.TINY.big_batch, True)]
     assert not torch._inductor.config.conv_1x1_as_mm  # restored afterwards
@@ -66,7 +68,7 @@ def test_each_contestant_runs_under_its_own_backend_settings(tmp_path, monkeypat
 
     monkeypatch.setattr(bench, "throughput", fake_throughput)
     before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    skip = "e2e_eager,pipeline,eval,checkpoint,compile,e2e"
+    skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,compile,e2e"
     bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
     assert seen == [(False, False), (True, True), (True, True)]  # tutorial, open_clip, ours
     assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,

@@ -17,6 +17,7 @@ from config import parse_config
 from conftest import TINY, tiny_config
 from distributed import Dist
 from engine import backward_grad_cache, contrastive_loss
+from packing import token_index
 from utils import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +39,12 @@ def batch():
     return images, ids, mask
 
 
+def text(ids, mask, chunks=1):
+    """The text batch as the loader makes it, with the real tokens of each micro-batch listed (packing.py)."""
+    return {"input_ids": ids, "attention_mask": mask, "token_index": torch.from_numpy(token_index(mask.numpy(),
+                                                                                                    chunks))}
+
+
 def gradients(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -47,9 +54,9 @@ def one_process(mode):
     images, ids, mask = batch()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     if mode == "cache":
-        loss = backward_grad_cache(model, model, images, ids, mask, 4, Dist(), False, torch.device("cpu"),
+        loss = backward_grad_cache(model, model, images, text(ids, mask, 4), 4, Dist(), False, torch.device("cpu"),
                                    torch.float32, scaler)
-    else:
+    else:  # padded, so that packing is checked against it too
         loss = contrastive_loss(*model(images, ids, mask), Dist(), local_loss=False)
         loss.backward()
     return loss.item(), gradients(model)
@@ -64,10 +71,11 @@ def _rank(rank, port, mode, out):
     model = torch.nn.parallel.DistributedDataParallel(raw)
     images, ids, mask = (t[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for t in batch())
     if mode == "cache":
-        loss = backward_grad_cache(model, raw, images, ids, mask, 2, d, False, torch.device("cpu"), torch.float32,
-                                   torch.amp.GradScaler("cpu", enabled=False))
+        loss = backward_grad_cache(model, raw, images, text(ids, mask, 2), 2, d, False, torch.device("cpu"),
+                                   torch.float32, torch.amp.GradScaler("cpu", enabled=False))
     else:
-        loss = contrastive_loss(*model(images, ids, mask), d, local_loss=mode == "local")
+        index = text(ids, mask)["token_index"][0] if mode == "local" else None  # packed, or padded
+        loss = contrastive_loss(*model(images, ids, mask, index), d, local_loss=mode == "local")
         loss.backward()
     mean = loss.detach().clone()
     dist.all_reduce(mean)
@@ -123,8 +131,8 @@ def test_gradient_caching_in_training_mode_is_exact_with_frozen_batch_norm_stati
                 module.p = 0.0
         images, ids, mask = batch()
         if cached:
-            loss = backward_grad_cache(model, model, images, ids, mask, 4, Dist(), False, torch.device("cpu"),
-                                       torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+            loss = backward_grad_cache(model, model, images, text(ids, mask, 4), 4, Dist(), False,
+                                       torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", enabled=False))
         else:
             loss = contrastive_loss(*model(images, ids, mask), Dist(), local_loss=False)
             loss.backward()

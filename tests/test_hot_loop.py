@@ -11,6 +11,7 @@ from distributed import Dist
 from engine import make_optimizer, train_step
 from images import Pixels
 from modules import TextEncoder
+from packing import token_index
 
 # the ops that copy a device value to the host: .item(), bool(tensor), nonzero with its data-dependent size
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
@@ -48,16 +49,22 @@ def padded_tokens(batch=4, length=16, vocab=500):
     return ids * mask, mask
 
 
-def test_forward_and_backward_of_a_training_step_never_read_a_device_value_on_the_host():
+def packed_index(mask):
+    return torch.from_numpy(token_index(mask.numpy()))[0]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_and_backward_of_a_training_step_never_read_a_device_value_on_the_host(packed):
     """With transformers' 2-D mask path this finds its `mask.all()` check: one sync per eager step."""
     cfg = tiny_config()
     model = CLIPModel(cfg, 500).train()
     squares, boxes = squares_and_boxes()
     ids, mask = padded_tokens()
+    index = packed_index(mask) if packed else None
     with HostReads() as reads:
         images = PIXELS(squares, boxes, torch.device("cpu"))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            image_emb, text_emb, scale = model(images, ids, mask)
+            image_emb, text_emb, scale = model(images, ids, mask, index)
         loss = clip_loss(image_emb, text_emb, scale)
         loss.backward()
     assert reads.ops == []
@@ -74,12 +81,15 @@ def test_a_whole_training_step_on_a_gpu_never_waits_for_it():
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     squares, boxes = (t.pin_memory() for t in squares_and_boxes())
-    ids, mask = (t.pin_memory() for t in padded_tokens())
+    ids, mask = padded_tokens()
+    text = {"input_ids": ids, "attention_mask": mask, "token_index": packed_index(mask)[None]}
+    text = {k: v.pin_memory() for k, v in text.items()}
 
     def step():
         images = PIXELS(squares, boxes, device)
-        return train_step(model, model, optimizer, scaler, images, ids.to(device, non_blocking=True),
-                          mask.to(device, non_blocking=True), cfg, Dist(), device, dtype, 0.5)
+        return train_step(model, model, optimizer, scaler, images,
+                          {k: v.to(device, non_blocking=True) for k, v in text.items()}, cfg, Dist(), device, dtype,
+                          0.5)
 
     step()  # the first step creates the optimizer's state
     torch.cuda.synchronize()

@@ -89,8 +89,8 @@ def test_the_temperature_stops_at_the_cap_and_can_come_back_down():
     images, ids = torch.randn(8, 3, 32, 32, generator=g), torch.randint(5, 500, (8, 16), generator=g)
 
     def step():
-        train_step(model, model, optimizer, scaler, images, ids, torch.ones_like(ids), cfg, Dist(),
-                   torch.device("cpu"), torch.float32, 1.0)
+        train_step(model, model, optimizer, scaler, images, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                   cfg, Dist(), torch.device("cpu"), torch.float32, 1.0)
 
     with torch.no_grad():
         model.logit_scale.fill_(MAX_LOGIT_SCALE - 0.1)

@@ -1,0 +1,105 @@
+"""Padding-free text encoding: the text tower's per-token layers run on the captions' real tokens only.
+
+A batch of captions is padded to its longest (40-48 tokens at batch 512 on Flickr30k, whose captions average about
+17), so a padded tower spends most of its work on padding. Here the projections, feed-forward layers and norms run
+on the real tokens packed into one (T, D) sequence; only attention sees the padded (B, L) layout, and it masks the
+padding as before. The outputs are the padded model's (tests/test_packing.py), and the weights are the same
+modules, so checkpoints and pretrained weights are unchanged.
+
+The host lists the real tokens (`token_index`, built with the batch in a loader worker), so the device never has to
+ask how many there are: no host sync, and a shape a compiled model can be given once.
+Architectures: DistilBERT and BERT (absolute positions). Others run padded (`packed_forward` returns None).
+"""
+
+import numpy as np
+import torch.nn.functional as F
+
+MULTIPLE = 8  # packed lengths are rounded up to a multiple of 8, for tensor cores
+
+
+def chunk_tokens(lengths: np.ndarray, chunks: int) -> np.ndarray:
+    """(chunks,) real tokens in each micro-batch, split as torch.tensor_split splits the batch's rows."""
+    return np.array([part.sum() for part in np.array_split(lengths, chunks)], dtype=np.int64)
+
+
+def token_index(mask: np.ndarray, chunks: int = 1, capacity: int = 0) -> np.ndarray:
+    """(chunks, T) int64: for each micro-batch (rows split as torch.tensor_split does), the flat positions in its
+    (rows x L) padded layout of its real tokens, in order.
+
+    T is the most real tokens of any micro-batch, or `capacity` if larger (training fixes it, so that every batch
+    has one shape), rounded up to a multiple of 8. Slots past a micro-batch's tokens repeat its first position;
+    their results are never read."""
+    parts = np.array_split(mask, chunks)
+    flat = [np.flatnonzero(part.reshape(-1)) for part in parts]
+    width = -(-max(capacity, *(len(f) for f in flat)) // MULTIPLE) * MULTIPLE
+    index = np.zeros((chunks, width), dtype=np.int64)
+    for row, f in zip(index, flat):
+        row[:len(f)] = f
+        row[len(f):] = f[0] if len(f) else 0
+    return index
+
+
+def packed_forward(model):
+    """The padding-free forward of a transformers encoder, or None where its architecture has none here."""
+    config = model.config
+    if config._attn_implementation != "sdpa" or getattr(config, "is_decoder", False):
+        return None
+    if config.model_type == "distilbert":
+        return _distilbert
+    if config.model_type == "bert" and getattr(config, "position_embedding_type", "absolute") == "absolute":
+        return _bert
+    return None
+
+
+def _attend(q_lin, k_lin, v_lin, x, slots, shape, mask, heads: int, dropout: float, scale: float):
+    """Self-attention of packed tokens x (T, D) in the padded layout: (B * L, D), padding rows unused."""
+    batch, length = shape
+
+    def padded_heads(t):  # (T, D) packed -> (B, heads, L, D / heads); padding rows hold a neighbour's values
+        return t.index_select(0, slots).view(batch, length, heads, -1).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(padded_heads(q_lin(x)), padded_heads(k_lin(x)), padded_heads(v_lin(x)),
+                                         attn_mask=mask, dropout_p=dropout, scale=scale)  # (B, heads, L, D / heads)
+    return out.transpose(1, 2).reshape(batch * length, -1)  # (B * L, D)
+
+
+def _layout(input_ids, attention_mask, index):
+    """Packed ids (T,), their positions (T,), and for every padded position the packed slot it reads (B * L,): its
+    own token's, or for padding the slot of the token before it (padding's results are masked or never read)."""
+    ids = input_ids.flatten().index_select(0, index)
+    positions = index % input_ids.shape[1]
+    slots = (attention_mask.flatten().cumsum(0) - 1).clamp_(min=0)
+    return ids, positions, slots
+
+
+def _distilbert(model, input_ids, attention_mask, index):
+    """DistilBERT (transformers' DistilBertModel), packed: (B, L) ids and mask, (T,) index -> (B, L, D) hidden
+    states (padding positions hold a neighbour's)."""
+    ids, positions, slots = _layout(input_ids, attention_mask, index)
+    mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, L)
+    emb = model.embeddings
+    x = emb.dropout(emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(positions)))  # (T, D)
+    for layer in model.transformer.layer:
+        att, ffn = layer.attention, layer.ffn
+        context = _attend(att.q_lin, att.k_lin, att.v_lin, x, slots, input_ids.shape, mask, att.n_heads,
+                          att.dropout.p if att.training else 0.0, att.scaling).index_select(0, index)  # (T, D)
+        x = layer.sa_layer_norm(att.out_lin(context) + x)
+        x = layer.output_layer_norm(ffn.dropout(ffn.lin2(ffn.activation(ffn.lin1(x)))) + x)
+    return x.index_select(0, slots).view(*input_ids.shape, -1)
+
+
+def _bert(model, input_ids, attention_mask, index):
+    """BERT (transformers' BertModel, absolute positions, token type 0), packed; as _distilbert."""
+    ids, positions, slots = _layout(input_ids, attention_mask, index)
+    mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, L)
+    emb = model.embeddings
+    x = emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0] + emb.position_embeddings(positions)
+    x = emb.dropout(emb.LayerNorm(x))  # (T, D)
+    for layer in model.encoder.layer:
+        sa = layer.attention.self
+        context = _attend(sa.query, sa.key, sa.value, x, slots, input_ids.shape, mask, sa.num_attention_heads,
+                          sa.dropout.p if sa.training else 0.0, sa.scaling).index_select(0, index)  # (T, D)
+        x = layer.attention.output(context, x)
+        x = layer.output(layer.intermediate(x), x)
+    return x.index_select(0, slots).view(*input_ids.shape, -1)
+
