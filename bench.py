@@ -11,15 +11,18 @@ ratios compare like with like.
     every step (its progress bar), under PyTorch's default backend settings, which it leaves alone
 (b) open_clip's CustomTextCLIP step with the closest towers it supports: timm resnet50 + a 6-layer BERT of
     DistilBERT's width, bf16 autocast, its ClipLoss, as its training script runs it
-(c) this project's step (bf16, channels_last, fused AdamW, SDPA), eager and under torch.compile; with --sweep also
-    the compiled step's variants (CUDA graphs, inductor settings, a bigger batch)
+(c) this project's step (bf16, channels_last, fused AdamW, SDPA, padding-free text tower), eager and under
+    torch.compile, and eager with a padded text tower; with --sweep also the compiled step's variants (CUDA graphs,
+    inductor settings, a bigger batch, padded text)
 (d) this project's whole training loop on the built-in set drawn at Flickr's size (500x375 JPEGs): the image cache,
     data-loader workers, device-side augmentation, the step
 (e) the input pipeline alone, in images/s: cache vs decoding JPEGs
 (f) evaluation: embed 1,000 images and 5,000 captions and compute recall
 (g) checkpoint: how long the loop waits for a save, written in place vs by the background writer
-Synthetic batches use random pixels and token ids with caption-like lengths. MFU = model FLOPs (torch's flop counter,
-forward + backward) per second / a measured dense bf16 (CPU: fp32) matmul peak.
+Synthetic batches use random pixels and token ids with caption-like lengths (uniform from a third of the padded
+length to all of it: 16-48 tokens, more than Flickr30k's). MFU = model FLOPs (torch's flop counter, forward +
+backward, counted on the timed batch) per second / a measured dense bf16 (CPU: fp32) matmul peak. A padding-free text
+tower does fewer FLOPs per sample than a padded one on the same batch, so compare rows by samples/s.
 """
 
 import argparse
