@@ -260,6 +260,8 @@ def load_weights(model: torch.nn.Module, file) -> None:
     """Load safetensors weights, explaining any mismatch between the file and the model's architecture."""
     saved = _read_tensors(Path(file))
     own = model.state_dict()
+    # checkpoints from before the text tower dropped BERT's unused pooler (modules.TextEncoder) still load
+    saved = {k: v for k, v in saved.items() if k in own or ".model.pooler." not in k}
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
     shapes = [f"{k}: file {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"

@@ -109,6 +109,10 @@ class TextEncoder(nn.Module):
         # PyTorch's fused attention (SDPA) where the architecture has it; its own attention code otherwise
         self.sdpa = self.model.config._attn_implementation == "sdpa"
         self.packed = packed_forward(self.model)  # the padding-free forward, or None (the architecture has none)
+        if getattr(self.model, "pooler", None) is not None:
+            # BERT-style models' own pooler: unused, as the sentence vector is pooled below. Its weights would get no
+            # gradient, which stops DDP after the first step.
+            self.model.pooler = None
         self.pooling = pooling
         self.out_dim = self.model.config.hidden_size
 

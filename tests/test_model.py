@@ -1,10 +1,13 @@
-"""What training may and may not change: frozen towers stay put, frozen batch-norm statistics stay put."""
+"""What training may and may not change: frozen towers stay put, frozen batch-norm statistics stay put, and every
+trainable weight takes part."""
 
 import copy
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from checkpoint import load_weights
 from clip import MAX_LOGIT_SCALE, CLIPModel, clip_loss
 from config import Config
 from conftest import tiny_config
@@ -101,3 +104,21 @@ def test_the_temperature_stops_at_the_cap_and_can_come_back_down():
     for _ in range(3):  # an untrained model's confident mistakes: the loss wants a lower scale
         step()
     assert model.logit_scale.item() < MAX_LOGIT_SCALE - 0.5
+
+
+@pytest.mark.parametrize("text_model", ["distilbert", "bert", "roberta"])
+def test_every_trainable_weight_gets_a_gradient_as_ddp_requires(text_model):
+    """DDP stops at the second step when a trainable weight got no gradient, e.g. BERT's own pooler, which nothing
+    uses."""
+    model = CLIPModel(tiny_config(text_model=text_model), 500).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 500, (4, 16), generator=g)
+    clip_loss(*model(torch.randn(4, 3, 32, 32, generator=g), ids, torch.ones_like(ids))).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_a_checkpoint_saved_with_berts_pooler_still_loads(tmp_path):
+    model = CLIPModel(tiny_config(text_model="bert"), 500)
+    weights = {**model.state_dict(), "text_encoder.model.pooler.dense.weight": torch.zeros(64, 64)}
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "model.safetensors")
+    load_weights(model, tmp_path / "model.safetensors")
