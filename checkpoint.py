@@ -256,12 +256,13 @@ def load_model(path, device="cpu") -> tuple[CLIPModel, Config, object]:
     return model.to(device).eval(), cfg, tokenizer
 
 
-def load_weights(model: torch.nn.Module, file) -> None:
-    """Load safetensors weights, explaining any mismatch between the file and the model's architecture."""
+def load_weights(model: torch.nn.Module, file) -> dict:
+    """Load safetensors weights, explaining any mismatch between the file and the model's architecture. Returns the
+    weights of the file that the model no longer has: BERT's unused pooler, which text towers now drop
+    (modules.TextEncoder); checkpoints from before still load."""
     saved = _read_tensors(Path(file))
     own = model.state_dict()
-    # checkpoints from before the text tower dropped BERT's unused pooler (modules.TextEncoder) still load
-    saved = {k: v for k, v in saved.items() if k in own or ".model.pooler." not in k}
+    dropped = {k: saved.pop(k) for k in list(saved) if k not in own and ".model.pooler." in k}
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
     shapes = [f"{k}: file {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
@@ -271,15 +272,31 @@ def load_weights(model: torch.nn.Module, file) -> None:
                          f"{missing[:4]}, {len(unexpected)} not in the model {unexpected[:4]}, {len(shapes)} of "
                          f"another shape {shapes[:4]}; build the model from the checkpoint's own config")
     model.load_state_dict(saved, strict=True)
+    return dropped
+
+
+def _drop_last_params(saved: dict, optimizer, counts: dict) -> None:
+    """Forget the last counts[name] parameters of each named group of a saved optimiser state (and their moments),
+    where that makes the group fit this run's."""
+    own = {g["name"]: len(g["params"]) for g in optimizer.param_groups}
+    for group in saved["param_groups"]:
+        n = counts.get(group["name"], 0)
+        if n and len(group["params"]) - n == own.get(group["name"]):
+            for param_id in group["params"][-n:]:
+                saved["state"].pop(param_id, None)
+            group["params"] = group["params"][:-n]
 
 
 def load_training_state(path, model, optimizer, scaler, rank: int) -> dict:
     """Restore weights, optimiser, grad scaler and this rank's RNGs from a checkpoint; return its progress state."""
     folder = resolve(path)
     info = _read_json(folder / "checkpoint.json")
-    load_weights(model, folder / "model.safetensors")
+    dropped = load_weights(model, folder / "model.safetensors")
     tensors = _read_tensors(folder / "training_state.safetensors")
     saved = unflatten_optimizer(tensors, info["optimizer"])
+    if dropped:  # the pooler's weight and bias came last in the text tower's two groups (engine.param_groups)
+        _drop_last_params(saved, optimizer, {"text": sum(t.ndim > 1 for t in dropped.values()),
+                                             "text_no_decay": sum(t.ndim <= 1 for t in dropped.values())})
     # The checkpoint brings the moments; this run's flags and device bring the settings: learning rates and weight
     # decay as resolved from the command line, and the kernel (fused on CUDA, foreach elsewhere).
     for group, own in zip(saved["param_groups"], optimizer.param_groups):

@@ -112,7 +112,7 @@ class TextEncoder(nn.Module):
         if getattr(self.model, "pooler", None) is not None:
             # BERT-style models' own pooler: unused, as the sentence vector is pooled below. Its weights would get no
             # gradient, which stops DDP after the first step.
-            self.model.pooler = None
+            self.model.pooler = NoPooler()
         self.pooling = pooling
         self.out_dim = self.model.config.hidden_size
 
@@ -133,6 +133,13 @@ class TextEncoder(nn.Module):
         # sync in every eager step); a ready (B, 1, 1, L) boolean mask goes to SDPA as it is, with the same result.
         mask = attention_mask[:, None, None, :].bool() if self.sdpa else attention_mask
         return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, H)
+
+
+class NoPooler(nn.Module):
+    """Stands in for a removed pooler: no weights, no output (some models call their pooler unconditionally)."""
+
+    def forward(self, hidden: torch.Tensor) -> None:
+        return None
 
 
 def _with_sdpa(build, arg):

@@ -171,11 +171,11 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
                            fixed_length=cfg.max_length if cfg.compile else 0,
                            min_pairs=2 * cfg.accum_steps,  # so that a short last batch has micro-batches of 2+
                            pack_chunks=cfg.accum_steps if cfg.pack_text and raw.text_encoder.packed else 0)
-    if batches.pack_chunks:
-        batches.fix_token_capacity(cfg.epochs)  # one token_index shape for the whole run, eager or compiled
     if len(batches) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} x {d.world} process(es) exceeds the {len(train_split)} "
                          f"training images")
+    if batches.pack_chunks:
+        batches.fix_token_capacity(cfg.epochs)  # one token_index shape for the whole run, eager or compiled
     state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "loss_sum": 0.0, "loss_count": 0}
     if cfg.resume:
         state = load_training_state(run_dir / "last", raw, optimizer, scaler, d.rank)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import modules
 import train
 from clip import clip_loss
 from conftest import TINY
@@ -134,6 +135,9 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
     assert len(read_jsonl(run / "metrics.jsonl")) == 1
     with pytest.raises(SystemExit, match="no checkpoint to resume"):
         train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "new"), "--resume"])
+    # compiled runs drop a short last batch, so here no batch is left at all
+    with pytest.raises(SystemExit, match=r"train.py: error: --batch-size 4096 x 1 process\(es\) exceeds the 180 "):
+        train.main(args + ["--overwrite", "--batch-size", "4096", "--compile"])
 
 
 def test_a_mid_epoch_checkpoint_resumes_only_with_the_settings_that_drew_its_epoch(tiny_shapes_dir, tmp_path,
@@ -336,3 +340,24 @@ def test_a_failed_background_write_is_raised_where_the_trainer_waits(tiny_run, t
     writer.submit(checkpoint.capture(model, cfg, tokenizer, {"step": 2}, {}), tmp_path / "run", ["last"])
     writer.wait()
     assert checkpoint.load_model(tmp_path / "run" / "last")[1] == cfg
+
+
+def test_a_bert_run_saved_with_its_pooler_resumes(tiny_shapes_dir, tmp_path, monkeypatch):
+    """Text towers used to keep BERT's own pooler (unused; it stopped DDP). A run saved then still resumes: its
+    optimiser state lists the pooler's two weights, which this run's groups no longer have."""
+    from transformers.models.bert.modeling_bert import BertPooler
+
+    build = modules.TextEncoder.__init__
+
+    def with_pooler(self, *args, **kwargs):  # the text tower as it was
+        build(self, *args, **kwargs)
+        self.model.pooler = BertPooler(self.model.config)
+
+    run = tmp_path / "run"
+    args = TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--text-model", "bert"]
+    monkeypatch.setattr(modules.TextEncoder, "__init__", with_pooler)
+    train.main(args + ["--epochs", "1"])
+    assert any(".model.pooler." in k for k in load_file(run / "last" / "model.safetensors"))
+    monkeypatch.undo()
+    train.main(args + ["--epochs", "2", "--resume"])
+    assert [row["epoch"] for row in read_jsonl(run / "metrics.jsonl")] == [1, 2]
