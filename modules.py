@@ -70,6 +70,8 @@ def build_text_config(name: str, pretrained: bool, layers: int, width: int, head
                             "no download)", e) from None
     if pretrained:
         return config
+    if width and getattr(config, "embedding_size", None) == config.hidden_size:
+        config.embedding_size = width  # architectures whose embeddings match their width (SqueezeBERT requires it)
     overrides = {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": heads}
     for key, value in overrides.items():
         if value:
