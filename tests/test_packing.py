@@ -56,6 +56,20 @@ def test_the_packed_tower_gives_the_padded_towers_embeddings_and_gradients(model
     assert checked > 20
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (.ci/gpu-check runs it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_tower_matches_the_padded_one_on_a_gpu(dtype):
+    """CUDA's attention and indexing kernels, under the training step's autocast."""
+    model = encoder("distilbert", "mean").cuda()
+    ids, mask = captions([3, 16, 7, 1, 12, 5] * 8)
+    index = index_of(mask, capacity=400)[0].cuda()
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        padded, packed = model(ids, mask), model(ids, mask, index)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(packed.float(), padded.float(), **tol)
+
+
 def test_packing_skips_the_padding_work():
     """Half the positions are padding: the per-token layers (nearly all of the tower's FLOPs) do half the work."""
     model = encoder("distilbert", "cls")
