@@ -52,4 +52,4 @@ def load_tokenizer(name: str, text_model: str, data_dir, train_captions, vocab_s
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise hub_error(name, "tokenizer", "--tokenizer local (a WordPiece tokenizer trained on your captions) "
-                        "with --no-text-pretrained", e) from None
+                        "with --no-text-pretrained --text-model distilbert", e) from None
