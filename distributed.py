@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 @dataclass(frozen=True)
@@ -36,11 +35,30 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(rank, world, local_rank, enabled=True)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own rows summed over ranks, since every rank's
+    loss uses every rank's features (torch.distributed.nn's all_gather, which is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        out = x.new_empty((world * len(x), *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        ctx.rows = slice(rank * len(x), (rank + 1) * len(x))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rows], None, None
+
+
 def gather_with_grad(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    """(n, D) on each rank -> (world * n, D), rank-major; gradients flow back to every rank's own rows."""
+    """(n, D) on each rank, n equal on all -> (world * n, D), rank-major; gradients flow back to every rank's own
+    rows."""
     if d.world == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x, d.rank, d.world)
 
 
 def gather_objects(obj, d: Dist) -> list:
