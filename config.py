@@ -51,7 +51,8 @@ class Config:
     vocab_size: int = 8000  # upper bound on the vocabulary of a locally trained tokenizer
     max_length: int = 48  # tokens per caption; longer captions are cut (99% of Flickr30k captions fit in 40)
     pack_text: bool = True  # in training, DistilBERT/BERT skip the padding: their per-token layers run on the real
-    #                         tokens only (packing.py); the same results with less work. Other models run padded
+    #                         tokens only (packing.py); the same results with less work. Other models run padded;
+    #                         evaluation and search always skip it where they can
 
     # --- heads and loss ---
     projection_dim: int = 256  # shared embedding size, as in the tutorial

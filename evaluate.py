@@ -40,13 +40,15 @@ def embed_images(model, split: Split, source, pixels: Pixels, device, dtype, bat
 @torch.no_grad()
 def embed_texts(model, split: Split, pad_id: int, device, dtype, batch_size: int,
                 progress: bool = False) -> torch.Tensor:
-    """(n_captions, D) float32 unit embeddings of a split's tokenised captions, on `device`."""
+    """(n_captions, D) float32 unit embeddings of a split's tokenised captions, on `device`. The text tower skips
+    the padding where it can (packing.py): the same embeddings, about twice as fast on a CPU."""
     out = []
     for lo in tqdm(range(0, len(split.captions), batch_size), desc="embedding captions", unit="batch",
                    disable=not progress):
-        batch = text_batch(split, np.arange(lo, min(lo + batch_size, len(split.captions))), pad_id)
+        batch = text_batch(split, np.arange(lo, min(lo + batch_size, len(split.captions))), pad_id, pack_chunks=1)
+        ids, mask, index = (batch[k].to(device) for k in ("input_ids", "attention_mask", "token_index"))
         with autocast(device, dtype):
-            out.append(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float())
+            out.append(model.encode_text(ids, mask, index[0]).float())
     return torch.cat(out)
 
 
