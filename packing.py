@@ -64,19 +64,19 @@ def _attend(q_lin, k_lin, v_lin, x, slots, shape, mask, heads: int, dropout: flo
 
 
 def _layout(input_ids, attention_mask, index):
-    """Packed ids (T,), their positions (T,), and for every padded position the packed slot it reads (B * L,): its
-    own token's, or for padding the slot of the token before it (padding's results are masked or never read)."""
+    """Packed ids (T,), their positions (T,), for every padded position the packed slot it reads (B * L,): its own
+    token's, or for padding the slot of the token before it (padding's results are masked or never read), and the
+    attention mask (B, 1, 1, L) that SDPA takes."""
     ids = input_ids.flatten().index_select(0, index)
     positions = index % input_ids.shape[1]
     slots = (attention_mask.flatten().cumsum(0) - 1).clamp_(min=0)
-    return ids, positions, slots
+    return ids, positions, slots, attention_mask[:, None, None, :].bool()
 
 
 def _distilbert(model, input_ids, attention_mask, index):
     """DistilBERT (transformers' DistilBertModel), packed: (B, L) ids and mask, (T,) index -> (B, L, D) hidden
     states (padding positions hold a neighbour's)."""
-    ids, positions, slots = _layout(input_ids, attention_mask, index)
-    mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, L)
+    ids, positions, slots, mask = _layout(input_ids, attention_mask, index)
     emb = model.embeddings
     x = emb.dropout(emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(positions)))  # (T, D)
     for layer in model.transformer.layer:
@@ -90,8 +90,7 @@ def _distilbert(model, input_ids, attention_mask, index):
 
 def _bert(model, input_ids, attention_mask, index):
     """BERT (transformers' BertModel, absolute positions, token type 0), packed; as _distilbert."""
-    ids, positions, slots = _layout(input_ids, attention_mask, index)
-    mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, L)
+    ids, positions, slots, mask = _layout(input_ids, attention_mask, index)
     emb = model.embeddings
     x = emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0] + emb.position_embeddings(positions)
     x = emb.dropout(emb.LayerNorm(x))  # (T, D)
