@@ -1,10 +1,13 @@
 """The cache gives the JPEG path's pixels; device-side augmentation matches its CPU definition."""
 
+import json
+
 import numpy as np
 import torch
 from PIL import Image
 
-from images import JpegSource, build_cache, crop_resize, full_boxes, reference_crop_resize, sample_boxes, to_square
+from images import (JpegSource, build_cache, crop_resize, full_boxes, load_rgb, reference_crop_resize, sample_boxes,
+                    square_transform, to_square)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -54,6 +57,42 @@ def test_cache_reports_files_that_do_not_decode(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     _, failed = build_cache(paths, 16, tmp_path / "cache")
     assert failed == [str(tmp_path / "broken.jpg")]
+
+
+def test_a_cache_built_by_an_older_decoder_is_rebuilt(tmp_path):
+    paths = [photo(tmp_path / f"{i}.jpg", 80, 60, i) for i in range(2)]
+    first, _ = build_cache(paths, 32, tmp_path / "cache")
+    meta_file = tmp_path / "cache" / first.file.split("/")[-1].replace(".npy", ".json")
+    meta = json.loads(meta_file.read_text())
+    np.load(first.file, mmap_mode="r+")[:] = 0  # what another decoder might have left
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "version"}))  # as version 1 wrote it
+    rebuilt, _ = build_cache(paths, 32, tmp_path / "cache")
+    assert np.array_equal(rebuilt.get([0, 1]), JpegSource(paths, 32).get([0, 1]))
+
+
+def test_big_jpegs_decode_at_reduced_scale_to_nearly_the_same_square(tmp_path):
+    small = photo(tmp_path / "small.png", 256, 192)  # detail a camera resolves: smooth at 1024 px
+    path = tmp_path / "big.jpg"
+    Image.open(small).convert("RGB").resize((1024, 768), Image.Resampling.BICUBIC).save(path, quality=92)
+    assert load_rgb(path).size == (1024, 768)
+    assert load_rgb(path, min_side=128).size == (256, 192)  # 1/4 scale: 1/8 would leave the short side at 96 < 128
+    assert load_rgb(photo(tmp_path / "flickr.jpg", 500, 375), min_side=256).size == (500, 375)
+    full = square_transform(128)(image=np.asarray(load_rgb(path)))["image"].astype(int)
+    drafted = to_square(path, 128).astype(int)
+    assert drafted.shape == (128, 128, 3)
+    assert np.abs(drafted - full).mean() < 1 and np.abs(drafted - full).max() <= 6  # measured: 0.58 and 3
+
+
+def test_reduced_scale_decoding_still_applies_the_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    stored = np.zeros((400, 800, 3), dtype=np.uint8)
+    stored[:, 400:] = 255  # stored: black left half, white right half -> shown: black top, white bottom
+    Image.fromarray(stored).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    img = load_rgb(tmp_path / "r.jpg", min_side=100)
+    assert img.size == (100, 200)  # 1/4 scale, then portrait
+    shown = np.asarray(img).astype(int)
+    assert shown[:90].max() < 30 and shown[110:].min() > 225
 
 
 def test_to_square_resizes_the_short_side_and_centre_crops(tmp_path):
