@@ -42,6 +42,12 @@ def resolve(path) -> Path:
     return path.resolve()
 
 
+def run_dir_of(folder) -> Path | None:
+    """The run a checkpoint folder belongs to (RUN/checkpoints/NAME), or None for one kept outside its run."""
+    folder = resolve(folder)
+    return folder.parent.parent if folder.parent.name == CHECKPOINTS else None
+
+
 # --- random number generators -----------------------------------------------------------------------------------
 
 def rng_state() -> tuple[dict, dict]:

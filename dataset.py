@@ -4,11 +4,12 @@ On-disk formats (see README, "Your own data"), all read the same way:
 - Kaggle Flickr30k: `results.csv` (`image_name| comment_number| comment`, `|`-separated with leading spaces) beside
   an image folder; the built-in shapes set uses it too.
 - Kaggle Flickr8k and bring-your-own: `captions.txt` or `captions.csv` with an `image,caption` header.
-Splits are by image, never by caption: `splits.json` in the data folder if present (e.g. Karpathy's), else a fixed
-seeded shuffle with 5% of images (at most 1,000) each for val and test.
+Splits are by image, never by caption: `splits.json` in the data folder if present (e.g. Karpathy's), else 5% of
+images (at most 1,000) each for val and test, chosen by a hash of each file name.
 """
 
 import csv
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,13 +19,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from images import JpegSource, build_cache, find_bad_images, full_boxes, sample_boxes
+from images import JpegSource, build_cache, find_bad_images, fingerprint, full_boxes, sample_boxes
 from packing import chunk_tokens, token_index
+from utils import write_json
 
 IMAGE_DIRS = ["images", "Images", "flickr30k_images", "flickr8k_images"]
 CAPTION_FILES = ["results.csv", "captions.txt", "captions.csv"]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SPLIT_SEED = 0  # fixed, independent of --seed, so every run of a data set uses the same test images
+RUN_SPLITS = "splits.json"  # in a run folder: the images it trained on and was validated on (and --split-file input)
 EVAL_SHARE, EVAL_MAX = 0.05, 1000
 SPLITS = ("train", "val", "test")
 TEXT_KEYS = ("input_ids", "attention_mask", "token_index")  # a batch's text, as engine.train_step takes it
@@ -199,9 +202,17 @@ def check_splits(splits, source) -> dict[str, list[str]]:
     return {s: list(dict.fromkeys(splits[s])) for s in SPLITS}
 
 
+def split_rank(name: str) -> bytes:
+    """Where an image falls in the default split: a hash of its file name alone, so adding or removing images moves
+    almost no other image (a shuffle of the whole list would move nearly all of them, test images into training)."""
+    return hashlib.sha1(f"{SPLIT_SEED}/{name}".encode("utf-8", "surrogateescape")).digest()
+
+
 def split_names(names: list[str], data_dir) -> dict[str, list[str]]:
     """Image names per split: splits.json if the folder has one (images it names that are not usable here are
-    skipped), else a fixed seeded shuffle."""
+    skipped), else the names ordered by `split_rank`: the first 5% (at most 1,000) test, the next 5% val, the rest
+    train. Each image removed moves at most two others, each one split up (val into test, train into val); each
+    image added, at most two others one split down."""
     split_file = Path(data_dir) / "splits.json"
     if split_file.exists():
         given = check_splits(read_json_file(split_file, "remake it with `python download.py --prepare DIR "
@@ -214,12 +225,33 @@ def split_names(names: list[str], data_dir) -> dict[str, list[str]]:
                 raise ValueError(f"{split_file}: none of the {len(given[s])} {s} images it names is a usable "
                                  f"image of {data_dir}")
         return splits
-    order = sorted(names)
-    np.random.default_rng(SPLIT_SEED).shuffle(order)
+    order = sorted(names, key=split_rank)
     n_eval = min(EVAL_MAX, max(1, round(EVAL_SHARE * len(order))))
     if len(order) < 3 * n_eval + 1:
         raise ValueError(f"{data_dir} has only {len(order)} usable images; need at least {3 * n_eval + 1}")
     return {"test": order[:n_eval], "val": order[n_eval:2 * n_eval], "train": order[2 * n_eval:]}
+
+
+def record_split(file, splits: dict[str, Split], resume: bool) -> list[str]:
+    """Write a run's images per split to `file` (RUN/splits.json, which --split-file takes). On resume, images the
+    run trained on before that are no longer in its train split are kept too, under `trained_earlier`. Returns those
+    now in val or test (the data folder changed since the run began), for a warning."""
+    record = {name: list(split.images) for name, split in splits.items()}
+    earlier = set(trained_images(file) or ()) - set(record["train"]) if resume else set()
+    if earlier:
+        record["trained_earlier"] = sorted(earlier)
+    write_json(file, record)
+    return sorted(earlier & set(record["val"] + record["test"]))
+
+
+def trained_images(file) -> list[str] | None:
+    """Every image a run trained on, from its splits.json; None where it has none (runs older than this file)."""
+    if not Path(file).exists():
+        return None
+    record = read_json_file(file, "it is rewritten when the run resumes")
+    if not isinstance(record, dict) or not isinstance(record.get("train"), list):
+        raise ValueError(f"{file} must be a JSON object with a `train` list of image file names")
+    return record["train"] + record.get("trained_earlier", [])
 
 
 def bad_images_from_report(data_dir) -> set[str]:
@@ -265,8 +297,16 @@ class CaptionData:
         self.captions = by_image
         self.source = None
         self.row_of = {n: i for i, n in enumerate(self.names)}
-        self.splits = {name: self._split(name, [n for n in members if n not in bad])
-                       for name, members in splits.items()}
+        self._set_splits({name: [n for n in members if n not in bad] for name, members in splits.items()},
+                         "listed as bad in prepare_report.json")
+
+    def _set_splits(self, members: dict[str, list[str]], dropped: str) -> None:
+        for name, images in members.items():
+            if not images:
+                raise ValueError(f"{self.data_dir}: no usable image is left in the {name} split (its images are "
+                                 f"{dropped}); add images, or give the folder a split with --split-file (see README, "
+                                 f"Splits)")
+        self.splits = {name: self._split(name, images) for name, images in members.items()}
 
     def _split(self, name: str, members: list[str]) -> Split:
         caps = [self.captions[n] for n in members]
@@ -281,7 +321,7 @@ class CaptionData:
         failed = []
         if mode == "off":
             self.source = JpegSource(paths, square)
-            if verify and not (self.data_dir / "prepare_report.json").exists():  # else prepare already checked them
+            if verify and not self.report_is_current():  # else prepare already checked these very files
                 failed = [str(self.image_dir / name) for name in find_bad_images(paths, workers)]
         else:
             try:
@@ -296,8 +336,16 @@ class CaptionData:
             print(f"{self.data_dir}: skipping {len(failed)} images that failed to decode, e.g. {sorted(failed)[:3]} "
                   f"(`python download.py --prepare {self.data_dir}` lists them all)")
             # drop them where they are: every other image keeps its split
-            self.splits = {name: self._split(name, [n for n in split.images if n not in failed])
-                           for name, split in self.splits.items()}
+            self._set_splits({name: [n for n in split.images if n not in failed]
+                              for name, split in self.splits.items()}, "missing, listed as bad or undecodable")
+
+    def report_is_current(self) -> bool:
+        """True if prepare_report.json checked exactly the image files there are now (same names, sizes, times)."""
+        report = self.data_dir / "prepare_report.json"
+        if not report.exists():
+            return False
+        files = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)  # as prepare.py lists
+        return read_json_file(report, "").get("images_fingerprint") == fingerprint(files)
 
     def tokenize(self, tokenizer, max_length: int) -> None:
         """Tokenise every caption once, up front, padded to max_length (batches are trimmed later); after

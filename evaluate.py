@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_model
+from checkpoint import load_model, run_dir_of
 from clip import clip_loss
-from dataset import CaptionData, EvalImages, Split, batch_loader, text_batch
+from dataset import RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, text_batch, trained_images
 from images import Pixels
 from utils import autocast, inference_precision, pick_device, trained_data_dir, write_json
 
@@ -113,6 +113,14 @@ def evaluate(model, split: Split, source, pixels: Pixels, pad_id: int, device, d
     return metrics
 
 
+def seen_in_training(checkpoint, split: Split) -> list[str] | None:
+    """The images of `split` that the checkpoint's run trained on (its RUN/splits.json), or None where that record
+    is missing. Not empty for val or test only if the data folder changed since training."""
+    run = run_dir_of(checkpoint)
+    trained = trained_images(run / RUN_SPLITS) if run else None
+    return None if trained is None else sorted(set(split.images) & set(trained))
+
+
 def format_table(metrics: dict, title: str = "") -> str:
     lines = [title] if title else []
     lines.append(f"{'':12}" + "".join(f"{f'R@{k}':>8}" for k in KS))
@@ -144,12 +152,20 @@ def main(argv=None) -> dict:
         pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
         data.open_images(pixels.square, args.image_cache, args.num_workers)
         data.tokenize(tokenizer, cfg.max_length)
+        split = data.splits[args.split]
+        seen = seen_in_training(args.checkpoint, split) if args.split != "train" else None
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    split = data.splits[args.split]
+    if seen:
+        print(f"WARNING: {len(seen)} of the {len(split)} {args.split} images (e.g. {seen[:3]}) were training images "
+              f"of this checkpoint's run, so the recall below overstates the model: {data.data_dir} has changed "
+              f"since training. To evaluate on the split it trained with: `python download.py --prepare "
+              f"{data.data_dir} --split-file {run_dir_of(args.checkpoint) / RUN_SPLITS}`", file=sys.stderr)
     metrics = evaluate(model, split, data.source, pixels, tokenizer.pad_token_id, device, dtype, args.batch_size,
                        num_workers=args.num_workers, progress=sys.stderr.isatty())
     metrics.update(split=args.split, checkpoint=os.path.realpath(args.checkpoint), data_dir=str(data.data_dir))
+    if seen is not None:
+        metrics["seen_in_training"] = len(seen)
     print(format_table(metrics, f"{args.split} split of {data.data_dir}, checkpoint {args.checkpoint}"))
     if args.json:
         write_json(args.json, metrics)

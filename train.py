@@ -23,7 +23,7 @@ from checkpoint import (BackgroundWriter, capture, load_training_state, load_wei
                         rng_state)
 from clip import CLIPModel
 from config import Config, build_parser, config_from_args, config_from_dict, flag, save_config
-from dataset import TEXT_KEYS, CaptionData, TrainBatches, batch_loader
+from dataset import RUN_SPLITS, TEXT_KEYS, CaptionData, TrainBatches, batch_loader, record_split
 from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from engine import global_mean, lr_factor, make_optimizer, train_step
 from evaluate import evaluate, format_table
@@ -206,6 +206,10 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         save_config(cfg, run_dir / "config.json")
         write_json(run_dir / "env.json", {**provenance(), "world_size": d.world, "device": str(device),
                                           "dtype": str(dtype)})
+        earlier = record_split(run_dir / RUN_SPLITS, data.splits, cfg.resume)  # what evaluate.py checks against
+        if earlier:
+            print(f"warning: {len(earlier)} val/test images (e.g. {earlier[:3]}) were training images earlier in "
+                  f"this run: {cfg.data_dir} changed since it began, so val and test recall overstate the model")
         if cfg.resume:
             drop_rows_after(run_dir / "metrics.jsonl", state["epoch"])
             print(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")

@@ -1,9 +1,13 @@
 """Splits by image, one caption per image per epoch, sharding across ranks, dynamic padding."""
 
+import json
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from dataset import CaptionData, Split, epoch_plan, split_names, text_batch
+import download
+from dataset import CaptionData, Split, epoch_plan, record_split, split_names, text_batch, trained_images
 from tokenizer import load_tokenizer
 
 
@@ -32,6 +36,22 @@ def test_split_is_deterministic_and_independent_of_listing_order():
     b = split_names(list(reversed(names)), "nowhere")
     assert a == b
     assert len(a["test"]) == 25 and len(a["train"]) == 450
+
+
+def test_the_default_split_barely_moves_when_images_come_and_go():
+    """A checkpoint trained before images were removed or added must not meet its training images in the test split
+    after: each change moves at most two other images, one split along."""
+    names = [f"{i}.jpg" for i in range(3000)]  # 150 test, 150 val
+    before = split_names(names, "nowhere")
+    gone = set(np.random.default_rng(0).choice(names, 10, replace=False))
+    after = split_names([n for n in names if n not in gone], "nowhere")
+    assert not set(after["test"]) & set(before["train"]) and not set(after["test"]) & set(before["val"]) - set(
+        before["val"][:10])
+    moved = sum(len(set(after[s]) - set(before[s])) for s in after)
+    assert moved <= 2 * 10
+    added = split_names(names + [f"new-{i}.jpg" for i in range(10)], "nowhere")
+    assert set(added["test"]) <= set(before["test"]) | {f"new-{i}.jpg" for i in range(10)}
+    assert set(added["val"]) <= set(before["val"]) | set(before["test"]) | {f"new-{i}.jpg" for i in range(10)}
 
 
 def test_split_file_overrides_the_seeded_split(tmp_path):
@@ -117,3 +137,49 @@ def test_local_tokenizer_is_trained_again_when_its_vocab_size_or_captions_change
     assert len(small) <= 50 < len(big)
     grown = load_tokenizer("local", "distilbert", tmp_path, lambda: captions + ["an orange hexagon"] * 20, 120)
     assert "hexagon" in grown.get_vocab() and "hexagon" not in big.get_vocab()
+
+
+def small_data_set(folder, n=40):
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / "images" / f"{i:03d}.jpg")
+    rows = "".join(f"{i:03d}.jpg| {j}| picture {i} caption {j}\n" for i in range(n) for j in range(2))
+    (folder / "results.csv").write_text("image_name| comment_number| comment\n" + rows)
+    return folder
+
+
+def test_a_split_left_without_images_is_an_error_that_names_it(tmp_path):
+    data = small_data_set(tmp_path / "data")
+    test_images = CaptionData(data, verbose=False).splits["test"].images  # 2 of 40
+    (data / "prepare_report.json").write_text(json.dumps({"bad_images": test_images}))
+    with pytest.raises(ValueError, match="no usable image is left in the test split"):
+        CaptionData(data, verbose=False)
+
+
+def test_images_changed_after_prepare_are_checked_again_before_training_decodes_them(tmp_path):
+    data = small_data_set(tmp_path / "data")
+    assert download.main(["--prepare", str(data), "--workers", "1"]) == 0
+    victim = CaptionData(data, verbose=False).splits["train"].images[0]
+    (data / "images" / victim).write_bytes((data / "images" / victim).read_bytes()[:200])  # truncated after prepare
+    loaded = CaptionData(data, verbose=False)
+    assert not loaded.report_is_current()
+    loaded.open_images(16, mode="off", workers=1)  # JPEG decoding: would crash mid-epoch on the truncated file
+    assert victim not in loaded.splits["train"].images
+    rows = np.concatenate([s.rows for s in loaded.splits.values()])
+    assert loaded.source.get(rows).shape == (len(rows), 16, 16, 3)
+
+
+def test_a_run_records_its_split_and_keeps_what_it_trained_on_across_a_changed_resume(tmp_path):
+    def split(name, images):
+        return Split(name, images, np.arange(len(images)), [], np.zeros(len(images) + 1, dtype=np.int64))
+
+    file = tmp_path / "splits.json"
+    first = {"train": split("train", ["a", "b", "c"]), "val": split("val", ["d"]), "test": split("test", ["e"])}
+    assert record_split(file, first, resume=False) == []
+    assert json.loads(file.read_text()) == {"train": ["a", "b", "c"], "val": ["d"], "test": ["e"]}
+    changed = {"train": split("train", ["a", "d"]), "val": split("val", ["b"]), "test": split("test", ["e"])}
+    assert record_split(file, changed, resume=True) == ["b"]  # trained on before, validated on now
+    assert sorted(trained_images(file)) == ["a", "b", "c", "d"]
+    assert record_split(file, changed, resume=False) == [] and sorted(trained_images(file)) == ["a", "d"]
+    assert trained_images(tmp_path / "none.json") is None

@@ -1,6 +1,7 @@
 """End to end on CPU: a tiny model learns the built-in set, and an unseen data set in another format."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -97,6 +98,22 @@ def write_stripes(folder, n=400, seed=0):
             rows.append(f"s{i}.png,a {kind} pattern in {names[a]}")
     (folder / "captions.csv").write_text("\n".join(rows) + "\n")
     (folder / "images").symlink_to("photos")
+
+
+def test_evaluation_warns_when_the_split_now_holds_training_images(tiny_run, shapes_dir, tmp_path, capsys):
+    run, _ = tiny_run
+    record = json.loads((run / "splits.json").read_text())
+    assert {s: len(v) for s, v in record.items()} == {"train": 720, "val": 40, "test": 40}
+    data = tmp_path / "shapes"
+    shutil.copytree(shapes_dir, data, ignore=shutil.ignore_patterns(".cache"))
+    clean = evaluate.main(["--checkpoint", str(run / "best"), "--data-dir", str(data)])
+    assert clean["seen_in_training"] == 0 and "WARNING" not in capsys.readouterr().err
+    leaked = {"train": record["train"][5:] + record["test"][:5], "val": record["val"],
+              "test": record["train"][:5] + record["test"][5:]}  # as if the folder's split had changed since
+    (data / "splits.json").write_text(json.dumps(leaked))
+    metrics = evaluate.main(["--checkpoint", str(run / "best"), "--data-dir", str(data)])
+    assert metrics["seen_in_training"] == 5
+    assert "WARNING: 5 of the 40 test images" in capsys.readouterr().err
 
 
 def test_the_same_preset_learns_an_unseen_data_set(tmp_path):
