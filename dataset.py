@@ -208,6 +208,19 @@ def split_rank(name: str) -> bytes:
     return hashlib.sha1(f"{SPLIT_SEED}/{name}".encode("utf-8", "surrogateescape")).digest()
 
 
+def eval_count(n_images: int) -> int:
+    """Images in each of the default val and test splits."""
+    return min(EVAL_MAX, max(1, round(EVAL_SHARE * n_images)))
+
+
+def legacy_train_names(names: list[str]) -> list[str]:
+    """The train split that the default split gave before 2026-11-27 (a seeded shuffle of the sorted names, which
+    moved most images whenever one came or went), to check the checkpoints of runs from before RUN/splits.json."""
+    order = sorted(names)
+    np.random.default_rng(SPLIT_SEED).shuffle(order)
+    return order[2 * eval_count(len(order)):]
+
+
 def split_names(names: list[str], data_dir) -> dict[str, list[str]]:
     """Image names per split: splits.json if the folder has one (images it names that are not usable here are
     skipped), else the names ordered by `split_rank`: the first 5% (at most 1,000) test, the next 5% val, the rest
@@ -226,7 +239,7 @@ def split_names(names: list[str], data_dir) -> dict[str, list[str]]:
                                  f"image of {data_dir}")
         return splits
     order = sorted(names, key=split_rank)
-    n_eval = min(EVAL_MAX, max(1, round(EVAL_SHARE * len(order))))
+    n_eval = eval_count(len(order))
     if len(order) < 3 * n_eval + 1:
         raise ValueError(f"{data_dir} has only {len(order)} usable images; need at least {3 * n_eval + 1}")
     return {"test": order[:n_eval], "val": order[n_eval:2 * n_eval], "train": order[2 * n_eval:]}

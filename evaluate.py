@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_model, run_dir_of
+from checkpoint import load_model, read_info, run_dir_of
 from clip import clip_loss
-from dataset import RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, text_batch, trained_images
+from dataset import (RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, legacy_train_names, text_batch,
+                     trained_images)
 from images import Pixels
 from utils import autocast, inference_precision, pick_device, trained_data_dir, write_json
 
@@ -113,12 +114,31 @@ def evaluate(model, split: Split, source, pixels: Pixels, pad_id: int, device, d
     return metrics
 
 
-def seen_in_training(checkpoint, split: Split) -> list[str] | None:
-    """The images of `split` that the checkpoint's run trained on (its RUN/splits.json), or None where that record
-    is missing. Not empty for val or test only if the data folder changed since training."""
+def seen_in_training(checkpoint, data: CaptionData, split: str) -> list[str] | None:
+    """The images of a split that the checkpoint's run trained on, by its RUN/splits.json; for a run from before that
+    file, by the default split of its time. None where neither can be known (a checkpoint kept outside its run).
+    Not empty for val or test only if the data folder changed since training, or the default split did."""
     run = run_dir_of(checkpoint)
-    trained = trained_images(run / RUN_SPLITS) if run else None
-    return None if trained is None else sorted(set(split.images) & set(trained))
+    if run is None:
+        return None
+    trained = trained_images(run / RUN_SPLITS)
+    own_data = trained_data_dir(read_info(checkpoint)["config"]["data_dir"]).resolve() == data.data_dir.resolve()
+    if trained is None and own_data and not (data.data_dir / "splits.json").exists():
+        trained = legacy_train_names(list(data.captions))
+    return None if trained is None else sorted(set(data.splits[split].images) & set(trained))
+
+
+def warn_if_seen(checkpoint, data: CaptionData, split: str) -> int | None:
+    """Say loudly when a split holds images the checkpoint trained on; returns how many (None: unknown)."""
+    seen = seen_in_training(checkpoint, data, split) if split != "train" else None
+    if seen:
+        record = run_dir_of(checkpoint) / RUN_SPLITS
+        fix = (f"`python download.py --prepare {data.data_dir} --split-file {record}` brings back the split it "
+               f"trained with" if record.exists() else
+               "its run predates RUN/splits.json and the default split has changed since: retrain to measure it")
+        print(f"WARNING: {len(seen)} of the {len(data.splits[split])} {split} images (e.g. {seen[:3]}) were training "
+              f"images of checkpoint {checkpoint}, so recall on them overstates the model; {fix}", file=sys.stderr)
+    return None if seen is None else len(seen)
 
 
 def format_table(metrics: dict, title: str = "") -> str:
@@ -152,20 +172,15 @@ def main(argv=None) -> dict:
         pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
         data.open_images(pixels.square, args.image_cache, args.num_workers)
         data.tokenize(tokenizer, cfg.max_length)
-        split = data.splits[args.split]
-        seen = seen_in_training(args.checkpoint, split) if args.split != "train" else None
+        seen = warn_if_seen(args.checkpoint, data, args.split)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    if seen:
-        print(f"WARNING: {len(seen)} of the {len(split)} {args.split} images (e.g. {seen[:3]}) were training images "
-              f"of this checkpoint's run, so the recall below overstates the model: {data.data_dir} has changed "
-              f"since training. To evaluate on the split it trained with: `python download.py --prepare "
-              f"{data.data_dir} --split-file {run_dir_of(args.checkpoint) / RUN_SPLITS}`", file=sys.stderr)
+    split = data.splits[args.split]
     metrics = evaluate(model, split, data.source, pixels, tokenizer.pad_token_id, device, dtype, args.batch_size,
                        num_workers=args.num_workers, progress=sys.stderr.isatty())
     metrics.update(split=args.split, checkpoint=os.path.realpath(args.checkpoint), data_dir=str(data.data_dir))
     if seen is not None:
-        metrics["seen_in_training"] = len(seen)
+        metrics["seen_in_training"] = seen
     print(format_table(metrics, f"{args.split} split of {data.data_dir}, checkpoint {args.checkpoint}"))
     if args.json:
         write_json(args.json, metrics)

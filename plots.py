@@ -102,6 +102,9 @@ def plot_curves(run_dir) -> Path | None:
 
 # --- retrieval pictures -----------------------------------------------------------------------------------------
 
+LITERAL = {"parse_math": False}  # queries, captions and file names are shown as typed: "$5" is not TeX
+
+
 def thumbnail(path):
     img = load_rgb(path)
     img.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -128,10 +131,10 @@ def text_to_image_figure(query: str, hits, columns: int = 3) -> Figure:
         _frame(ax, MATCH if hit.match else OTHER, 6 if hit.match else 1)
         ax.set_title(f"{hit.rank}. score {hit.score:.3f}" + ("  ✓ true match" if hit.match else ""), fontsize=10,
                      color=MATCH if hit.match else "black", fontweight="bold" if hit.match else "normal")
-        ax.set_xlabel(Path(hit.item).name, fontsize=7, color="dimgrey")
+        ax.set_xlabel(Path(hit.item).name, fontsize=7, color="dimgrey", **LITERAL)
     for ax in axes[len(hits):]:
         ax.set_axis_off()
-    fig.suptitle(textwrap.fill(f"“{query}”", 60), fontsize=13)
+    fig.suptitle(textwrap.fill(f"“{query}”", 60), fontsize=13, **LITERAL)
     fig.tight_layout()
     return fig
 
@@ -144,14 +147,14 @@ def image_to_text_figure(image, hits) -> Figure:
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.7]})
     left.imshow(thumbnail(image))
     _frame(left, OTHER, 1)
-    left.set_title(textwrap.fill(f"query: {Path(image).name}", 40), fontsize=11)
+    left.set_title(textwrap.fill(f"query: {Path(image).name}", 40), fontsize=11, **LITERAL)
     right.set_axis_off()
     right.set(xlim=(0, 1), ylim=(height, 0))  # y counts caption lines from the top
     y = 0.0
     for hit, lines in zip(hits, wrapped):
         text = f"{hit.rank}. {'✓ ' if hit.match else '   '}{lines[0]}" + "".join(f"\n       {x}" for x in lines[1:])
         right.text(0, y, text, va="top", fontsize=11, color=MATCH if hit.match else "black",
-                   fontweight="bold" if hit.match else "normal")
+                   fontweight="bold" if hit.match else "normal", **LITERAL)
         right.text(1, y, f"{hit.score:.3f}", va="top", ha="right", fontsize=10, color="dimgrey")
         y += len(lines) + GAP
     if any(hit.match for hit in hits):

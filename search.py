@@ -26,11 +26,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoint import CHECKPOINTS, load_model, resolve
+from checkpoint import load_model, resolve, run_dir_of
 from clip import CLIPModel
 from config import Config
 from dataset import IMAGE_EXTS, CaptionData
-from evaluate import embed_images, embed_texts
+from evaluate import embed_images, embed_texts, warn_if_seen
 from images import Pixels, check_image, fingerprint, full_boxes, to_square
 from plots import curves_figure, image_to_text_figure, read_metrics, save_figure, text_to_image_figure
 from utils import REPO_DIR, autocast, inference_precision, pick_device, trained_data_dir
@@ -93,11 +93,6 @@ def latest_checkpoint(runs_dir=REPO_DIR / "runs") -> Path:
     return max(found, key=lambda p: (p / "checkpoint.json").stat().st_mtime)
 
 
-def run_of(folder: Path) -> Path | None:
-    """The run directory a checkpoint folder (RUN/checkpoints/step-N) belongs to, if it sits in one."""
-    return folder.parent.parent if folder.parent.name == CHECKPOINTS else None
-
-
 # --- the index: embed once, store beside the weights, reuse while nothing changed -------------------------------
 
 def _digest(obj) -> str:
@@ -155,6 +150,8 @@ def dataset_index(s: Searcher, data_dir=None, split: str = "test", verbose: bool
     data = CaptionData(data_dir or trained_data_dir(s.cfg.data_dir), verbose=verbose)
     if split not in data.splits:
         raise ValueError(f"no split {split!r} in {data.data_dir}; choose one of {sorted(data.splits)}")
+    if verbose:
+        warn_if_seen(s.folder, data, split)
     part = data.splits[split]
     paths = [str((data.image_dir / name).resolve()) for name in part.images]
     source = f"the {split} split of {data.data_dir}"
@@ -183,8 +180,8 @@ def list_images(folder) -> list[str]:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
-    files = sorted(p.resolve() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted({p.resolve() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts)})  # a set: links once
     if not files:
         raise ValueError(f"{root} holds no image files (looked for {', '.join(sorted(IMAGE_EXTS))}, subfolders too)")
     return [str(p) for p in files]
@@ -207,6 +204,7 @@ def folder_index(s: Searcher, folder, verbose: bool = True) -> Index:
         _write_index(index, stamp)
     elif verbose:
         print(f"reusing the index of {source}: {file}")
+    index.source = f"{len(index.paths)} images in {folder}"  # the readable ones
     return index
 
 
@@ -262,22 +260,33 @@ def top_k(query: torch.Tensor, emb: torch.Tensor, k: int) -> list[tuple[int, flo
     return list(zip(top.indices.tolist(), top.values.tolist()))
 
 
+def unknown_words(s: Searcher, text: str) -> None:
+    """Warn when the tokenizer knows none of a query's words: its embedding is then close to a blank query's."""
+    ids = s.tokenizer(text, truncation=True, max_length=s.cfg.max_length)["input_ids"]
+    words = [i for i in ids if i not in s.tokenizer.all_special_ids or i == s.tokenizer.unk_token_id]
+    if words and all(i == s.tokenizer.unk_token_id for i in words):
+        print(f"warning: the model's vocabulary knows none of the words in {text!r}, so these results say little")
+
+
 def _normal(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def search_text(s: Searcher, index: Index, text: str, k: int = TEXT_K) -> list[Hit]:
-    """The k images that best match a text; an image is a true match when the text is one of its captions."""
+def search_text(s: Searcher, index: Index, text: str, k: int | None = None) -> list[Hit]:
+    """The k images (default TEXT_K, or all if fewer) that best match a text; an image is a true match when the text
+    is one of its captions."""
     own = {int(index.caption_image[c]) for c, caption in enumerate(index.captions) if _normal(caption) == _normal(text)}
+    k = k or min(TEXT_K, len(index.image_emb))
     return [Hit(rank, row, index.paths[row], score, row in own)
             for rank, (row, score) in enumerate(top_k(embed_text(s, text), index.image_emb, k), start=1)]
 
 
-def search_image(s: Searcher, index: Index, image, k: int = IMAGE_K) -> list[Hit]:
-    """The k captions that best describe an image; a true match is one of the image's own captions (when the image
-    is one of the index's)."""
+def search_image(s: Searcher, index: Index, image, k: int | None = None) -> list[Hit]:
+    """The k captions (default IMAGE_K, or all if fewer) that best describe an image; a true match is one of the
+    image's own captions (when the image is one of the index's)."""
     if not index.captions:
         raise ValueError(f"image -> text search ranks captions, and {index.source} has none; search a data split")
+    k = k or min(IMAGE_K, len(index.text_emb))
     real = os.path.realpath(image)
     own = index.paths.index(real) if real in index.paths else -1
     return [Hit(rank, row, index.captions[row], score, int(index.caption_image[row]) == own)
@@ -311,9 +320,11 @@ def make_results(s: Searcher, index: Index, out_dir) -> list[Path]:
                for i, q in enumerate(example_queries(index), start=1)]
     written += [save_figure(image_to_text_figure(im, search_image(s, index, im)), out / f"image2text_{i}.jpg")
                 for i, im in enumerate(example_images(index), start=1)]
-    run = run_of(s.folder)
+    run = run_dir_of(s.folder)
     if run is not None and (run / "metrics.jsonl").exists():
         written.append(save_figure(curves_figure(read_metrics(run)), out / "curves.png"))
+    else:
+        print(f"no curves.png: {s.folder} is not inside a run folder with a metrics.jsonl")
     return written
 
 
@@ -338,7 +349,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/best, RUN/last) or a run folder")
     p.add_argument("--data-dir", help="data folder whose --split is searched (default: the checkpoint's own)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", choices=["train", "val", "test"], help="the split searched (default test)")
     p.add_argument("--images", metavar="FOLDER", help="search this folder of your own images instead (with --text)")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="rank the images by how well they match this text")
@@ -357,6 +368,8 @@ def parse_args(argv):
         p.error(f"--image {args.image}: no such file")
     if args.images and not Path(args.images).is_dir():
         p.error(f"--images {args.images} is not a folder")
+    if args.images and (args.data_dir or args.split):
+        p.error("--images FOLDER searches that folder; --data-dir and --split choose a data split instead: drop them")
     if args.image and args.images:
         p.error("--image ranks a data split's captions and --images FOLDER has none; search a folder with --text")
     if args.image and (why := check_image(args.image)):
@@ -366,6 +379,8 @@ def parse_args(argv):
                 "and --out")
     if args.k is not None and args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
+    if args.out and Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a folder; name the picture to write, e.g. {Path(args.out) / 'search.jpg'}")
     if args.out and Path(args.out).suffix.lower() not in {".jpg", ".jpeg", ".png"}:
         p.error(f"--out {args.out}: name a .jpg, .jpeg or .png file")
     if args.batch_size < 1:
@@ -378,17 +393,18 @@ def main(argv=None):
     p, args = parse_args(argv)
     try:
         s = load_searcher(args.checkpoint, args.device, args.batch_size)
-        index = folder_index(s, args.images) if args.images else dataset_index(s, args.data_dir, args.split)
+        index = folder_index(s, args.images) if args.images else dataset_index(s, args.data_dir, args.split or "test")
         if args.make_results:
             written = make_results(s, index, args.make_results)
             print("wrote " + ", ".join(show(str(f)) for f in written))
             return written
         if args.text is not None:
-            hits = search_text(s, index, args.text, args.k or TEXT_K)
+            hits = search_text(s, index, args.text, args.k)
+            unknown_words(s, args.text)
             print_hits(f"text -> image: {args.text!r} over {index.source}", hits)
             figure = text_to_image_figure(args.text, hits) if args.out else None
         else:
-            hits = search_image(s, index, args.image, args.k or IMAGE_K)
+            hits = search_image(s, index, args.image, args.k)
             print_hits(f"image -> text: {args.image} against the captions of {index.source}", hits)
             figure = image_to_text_figure(args.image, hits) if args.out else None
     except (FileNotFoundError, ValueError) as e:

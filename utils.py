@@ -36,6 +36,9 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError(f"--device {name!r} is not a device torch knows: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} asked for CUDA, but torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} asked for Apple's MPS, which this machine or torch build lacks; use "
+                         f"--device cpu")
     return device
 
 
@@ -82,6 +85,7 @@ def atomic_write(path, mode: str = "w"):
     A crash at any moment leaves either the old file or the new one, never half of either.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:

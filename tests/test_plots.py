@@ -90,3 +90,14 @@ def test_image_to_text_panel_wraps_and_marks_captions(pictures):
 def test_save_figure_names_the_formats(tmp_path):
     with pytest.raises(ValueError, match=r"\.jpg, \.jpeg or \.png"):
         plots.save_figure(plots.curves_figure([epoch(1)]), tmp_path / "x.gif")
+
+
+def test_dollar_signs_are_drawn_as_typed_not_as_tex(pictures, tmp_path):
+    odd = tmp_path / "price_$5_$6.jpg"
+    odd.write_bytes(pictures[0].read_bytes())
+    query = r"a $\frac{red$ circle for $5"  # unbalanced TeX: mathtext would raise while drawing
+    fig = plots.text_to_image_figure(query, [hit(1, 0, str(odd), 0.9, False)])
+    assert plots.save_figure(fig, tmp_path / "grid.png").stat().st_size > 0
+    assert "$5" in fig._suptitle.get_text() and fig.axes[0].get_xlabel() == "price_$5_$6.jpg"
+    panel = plots.image_to_text_figure(odd, [hit(1, 0, query, 0.5, False)])
+    assert plots.save_figure(panel, tmp_path / "panel.png").stat().st_size > 0

@@ -13,6 +13,7 @@ import evaluate
 import search
 import train
 from conftest import TINY
+from dataset import CaptionData, legacy_train_names
 from evaluate import retrieval_metrics
 
 JPEG_LIMIT = 300_000  # bytes: results/ pictures must stay small enough for a README
@@ -191,7 +192,7 @@ def test_command_prints_ranks_and_draws_pictures(run, shapes_dir, tmp_path, caps
     folder.mkdir()
     shutil.copy(image, folder / "a.jpg")
     shutil.copy(image, folder / "b.jpg")
-    hits = search.main(base + ["--images", str(folder), "--text", "a red circle", "--k", "2"])
+    hits = search.main(base[:2] + ["--images", str(folder), "--text", "a red circle", "--k", "2"])
     assert {os.path.basename(h.item) for h in hits} == {"a.jpg", "b.jpg"}
 
 
@@ -221,6 +222,8 @@ def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
     (["--checkpoint", "{run}", "--text", "x", "--k", "0"], "--k must be at least 1"),
     (["--checkpoint", "{run}", "--text", "x", "--out", "{tmp}/x.gif"], "name a .jpg, .jpeg or .png file"),
     (["--checkpoint", "{run}", "--make-results", "{tmp}", "--k", "3"], "drop --images, --k and --out"),
+    (["--checkpoint", "{run}", "--images", "{tmp}", "--split", "val", "--text", "x"], "--split choose a data split"),
+    (["--checkpoint", "{run}", "--text", "x", "--out", "{tmp}/empty"], "is a folder; name the picture"),
 ])
 def test_clear_errors(argv, message, run, shapes_dir, tmp_path, capsys):
     (tmp_path / "x.jpg").write_bytes(b"")
@@ -256,3 +259,45 @@ def test_latest_checkpoint_is_the_newest_best(tmp_path, run):
         info = tmp_path / name / "best" / "checkpoint.json"
         os.utime(info, (info.stat().st_atime - age, info.stat().st_mtime - age))
     assert search.latest_checkpoint(tmp_path) == tmp_path / "new" / "best"
+
+
+def test_small_folders_links_and_unknown_words(run, shapes_dir, tmp_path, capsys):
+    image = search.dataset_index(search.load_searcher(run / "best", "cpu"), shapes_dir, verbose=False).paths[0]
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(image, folder / name)
+    (folder / "link.jpg").symlink_to(folder / "a.jpg")  # the same file twice: one hit
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    base = ["--checkpoint", str(run / "best"), "--images", str(folder), "--device", "cpu"]
+    hits = search.main(base + ["--text", "a red circle"])  # fewer images than the default --k of 9
+    assert sorted(os.path.basename(h.item) for h in hits) == ["a.jpg", "b.jpg"]
+    printed = capsys.readouterr().out
+    assert "over 2 images in" in printed and "vocabulary knows none" not in printed
+    search.main(base + ["--text", "\U0001F534\U0001F53A"])  # emoji: [UNK] [UNK] to this tokenizer
+    assert "vocabulary knows none of the words" in capsys.readouterr().out
+
+
+def test_evaluation_of_a_run_from_before_split_records_checks_the_split_of_its_time(run, shapes_dir, tmp_path,
+                                                                                     capsys):
+    old = shutil.copytree(run, tmp_path / "old-run", symlinks=True, ignore=shutil.ignore_patterns("index-*"))
+    (old / "splits.json").unlink()
+    data = CaptionData(shapes_dir, verbose=False)
+    expected = set(data.splits["test"].images) & set(legacy_train_names(list(data.captions)))
+    assert len(expected) > 20  # the old shuffle put most of today's test images into training
+    metrics = evaluate.main(["--checkpoint", str(old / "best"), "--device", "cpu", "--json",
+                             str(tmp_path / "new" / "folder" / "test.json")])  # a folder that does not exist yet
+    assert metrics["seen_in_training"] == len(expected)
+    assert f"WARNING: {len(expected)} of the 40 test images" in capsys.readouterr().err
+    assert json.loads((tmp_path / "new" / "folder" / "test.json").read_text())["seen_in_training"] == len(expected)
+    search.dataset_index(search.load_searcher(old / "best", "cpu"), split="test")  # the notebook's path says it too
+    assert "predates RUN/splits.json" in capsys.readouterr().err
+
+
+def test_unavailable_devices_are_named(run, capsys):
+    for device, message in [("mps", "Apple's MPS"), ("cuda", "no CUDA GPU")]:
+        if getattr(torch.backends, device if device == "mps" else "cudnn").is_available():
+            continue
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(run / "best"), "--device", device])
+        assert e.value.code == 2 and message in capsys.readouterr().err
