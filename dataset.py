@@ -245,12 +245,18 @@ def split_names(names: list[str], data_dir) -> dict[str, list[str]]:
     return {"test": order[:n_eval], "val": order[n_eval:2 * n_eval], "train": order[2 * n_eval:]}
 
 
-def record_split(file, splits: dict[str, Split], resume: bool) -> list[str]:
+def record_split(file, data: "CaptionData", resume: bool) -> list[str]:
     """Write a run's images per split to `file` (RUN/splits.json, which --split-file takes). On resume, images the
-    run trained on before that are no longer in its train split are kept too, under `trained_earlier`. Returns those
-    now in val or test (the data folder changed since the run began), for a warning."""
-    record = {name: list(split.images) for name, split in splits.items()}
-    earlier = set(trained_images(file) or ()) - set(record["train"]) if resume else set()
+    run trained on before that are no longer in its train split are kept too, under `trained_earlier` (for a run
+    begun before this record existed: the default split of its time). Returns those now in val or test (the data
+    folder changed since the run began), for a warning."""
+    record = {name: list(split.images) for name, split in data.splits.items()}
+    earlier = set()
+    if resume:
+        before = trained_images(file)
+        if before is None and not (data.data_dir / "splits.json").exists():
+            before = legacy_train_names(list(data.captions))
+        earlier = set(before or ()) - set(record["train"])
     if earlier:
         record["trained_earlier"] = sorted(earlier)
     write_json(file, record)

@@ -206,7 +206,7 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         save_config(cfg, run_dir / "config.json")
         write_json(run_dir / "env.json", {**provenance(), "world_size": d.world, "device": str(device),
                                           "dtype": str(dtype)})
-        earlier = record_split(run_dir / RUN_SPLITS, data.splits, cfg.resume)  # what evaluate.py checks against
+        earlier = record_split(run_dir / RUN_SPLITS, data, cfg.resume)  # what evaluate.py checks against
         if earlier:
             print(f"warning: {len(earlier)} val/test images (e.g. {earlier[:3]}) were training images earlier in "
                   f"this run: {cfg.data_dir} changed since it began, so val and test recall overstate the model")

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import download
-from dataset import CaptionData, Split, epoch_plan, record_split, split_names, text_batch, trained_images
+from dataset import (CaptionData, Split, epoch_plan, legacy_train_names, record_split, split_names, text_batch,
+                     trained_images)
 from tokenizer import load_tokenizer
 
 
@@ -171,15 +172,26 @@ def test_images_changed_after_prepare_are_checked_again_before_training_decodes_
 
 
 def test_a_run_records_its_split_and_keeps_what_it_trained_on_across_a_changed_resume(tmp_path):
-    def split(name, images):
-        return Split(name, images, np.arange(len(images)), [], np.zeros(len(images) + 1, dtype=np.int64))
-
-    file = tmp_path / "splits.json"
-    first = {"train": split("train", ["a", "b", "c"]), "val": split("val", ["d"]), "test": split("test", ["e"])}
-    assert record_split(file, first, resume=False) == []
-    assert json.loads(file.read_text()) == {"train": ["a", "b", "c"], "val": ["d"], "test": ["e"]}
-    changed = {"train": split("train", ["a", "d"]), "val": split("val", ["b"]), "test": split("test", ["e"])}
-    assert record_split(file, changed, resume=True) == ["b"]  # trained on before, validated on now
-    assert sorted(trained_images(file)) == ["a", "b", "c", "d"]
-    assert record_split(file, changed, resume=False) == [] and sorted(trained_images(file)) == ["a", "d"]
+    folder = small_data_set(tmp_path / "data")
+    data = CaptionData(folder, verbose=False)
+    file = tmp_path / "run" / "splits.json"
+    assert record_split(file, data, resume=False) == []
+    assert json.loads(file.read_text()) == {name: split.images for name, split in data.splits.items()}
+    first_train = data.splits["train"].images
+    moved = {"train": first_train[1:] + data.splits["val"].images, "val": first_train[:1],
+             "test": data.splits["test"].images}
+    (folder / "splits.json").write_text(json.dumps(moved))  # the folder's split changed mid-run
+    changed = CaptionData(folder, verbose=False)
+    assert record_split(file, changed, resume=True) == first_train[:1]  # trained on before, validated on now
+    assert sorted(trained_images(file)) == sorted(first_train + data.splits["val"].images)
+    assert record_split(file, changed, resume=False) == [] and sorted(trained_images(file)) == sorted(moved["train"])
     assert trained_images(tmp_path / "none.json") is None
+
+
+def test_resuming_a_run_from_before_split_records_remembers_the_old_default_split(tmp_path):
+    data = CaptionData(small_data_set(tmp_path / "data", n=400), verbose=False)
+    file = tmp_path / "run" / "splits.json"
+    seen = record_split(file, data, resume=True)  # no record yet: the run began with the shuffled default split
+    old_train = set(legacy_train_names(list(data.captions)))
+    assert seen == sorted(old_train & set(data.splits["val"].images + data.splits["test"].images)) and len(seen) > 20
+    assert set(trained_images(file)) == old_train | set(data.splits["train"].images)
