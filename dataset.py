@@ -143,7 +143,11 @@ def read_captions(data_dir) -> tuple[list[tuple[int, str, str]], ParseReport]:
     """All usable (line, image name, caption) rows of a data folder's caption file, and what was fixed on the way."""
     caption_file, _ = find_layout(data_dir)
     report = ParseReport()
-    lines = decode_lines(caption_file.read_bytes(), report, caption_file.name)
+    raw = caption_file.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:4096]:  # read as UTF-8, every row is garbled
+        raise ValueError(f"{caption_file} is UTF-16 text (Excel's \"Unicode text\"?), not UTF-8; save it as UTF-8 "
+                         f"(in Excel: \"CSV UTF-8\") and run again")
+    lines = decode_lines(raw, report, caption_file.name)
     parse = parse_pipe_rows if caption_file.name == "results.csv" else parse_csv_rows
     rows, seen = [], {}
     for number, image, caption in parse(lines, report, caption_file.name):
@@ -347,7 +351,9 @@ class CaptionData:
                 self.source, failed = build_cache(paths, square, self.data_dir / ".cache", workers)
             except OSError as e:
                 if mode == "on":
-                    raise
+                    raise ValueError(f"--image-cache on: could not build the image cache in {self.data_dir / '.cache'}"
+                                     f" ({e.strerror or e}); free space or make it writable, or use --image-cache "
+                                     f"auto or off (decodes JPEGs every step)") from None
                 print(f"not caching images ({e}); decoding JPEGs every step instead")
                 self.source = JpegSource(paths, square)
         if failed:

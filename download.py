@@ -51,6 +51,10 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
         strangers = sorted(f.name for f in out.iterdir() if f.name not in SHAPES_FOLDER)
         if strangers:
             p.error(f"{out} holds files a shapes set does not make ({strangers[:3]}); choose another --out")
+        # a Flickr folder holds only names a shapes folder may hold too: only a recipe says the set is ours to redraw
+        if not (out / SHAPES_RECIPE).exists() and ((out / "images").exists() or (out / "results.csv").exists()):
+            p.error(f"{out} already holds images/ or results.csv, but no {SHAPES_RECIPE}, so not a shapes set drawn "
+                    f"here; choose another --out, or delete {out} yourself if you no longer need it")
         shutil.rmtree(out / "images", ignore_errors=True)  # another set drawn before: start clean
         (out / "results.csv").unlink(missing_ok=True)
     make_shapes(out, args.num_images, width, height, args.seed, workers=os.cpu_count() or 1,
@@ -97,8 +101,14 @@ def main(argv=None, connect=kaggle_api) -> int:
             return 0
         spec = spec or DATASETS["flickr30k"]
         out = Path(args.out or f"data/{spec.name}")
-        fetch(spec, out, args.zip, connect_with_credentials, args.keep_zip)
-        prepare(out, spec, args.split_file, args.workers)
+        made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+        try:
+            fetch(spec, out, args.zip, connect_with_credentials, args.keep_zip)
+            prepare(out, spec, args.split_file, args.workers)
+        finally:
+            for folder in made:  # a run that failed before writing anything leaves no empty folder behind
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
     except (CredentialsError, PrepareError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0

@@ -7,12 +7,17 @@ use `to_square`, so both give the same pixels. Augmentation (random resized crop
 batches on the device, so the CPU only ever copies bytes.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import shutil
+import socket
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +35,8 @@ from tqdm import tqdm
 from utils import fsync_dir, write_json
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # still guards against decompression bombs, but allows big photos
-CACHE_VERSION = 2  # bump when `to_square` changes, so older caches are rebuilt (2: JPEGs decode at reduced scale)
+CACHE_VERSION = 3  # bump when `to_square` changes, so older caches are rebuilt (2: JPEGs decode at reduced scale;
+# 3: 16-bit grayscale is scaled to 8 bits, no longer clipped to white)
 
 
 def load_rgb(path, min_side: int = 0) -> Image.Image:
@@ -44,6 +50,8 @@ def load_rgb(path, min_side: int = 0) -> Image.Image:
         if min_side:
             img.draft(None, (min_side, min_side))  # a no-op for other formats
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grayscale: convert() would clip it to white
+            img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
         return img.convert("RGB")
 
 
@@ -86,11 +94,13 @@ def find_bad_images(paths: list[Path], workers: int) -> dict[str, str]:
 
 
 def fingerprint(paths) -> str:
-    """Changes when any file is added, removed, resized or touched."""
+    """Changes when any file is added, removed, resized, touched or replaced by another file (the inode: renames
+    that swap two files, or an extraction that keeps sizes and times)."""
     h = hashlib.sha1()
     for p in paths:
         st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        # fsencode: a name that is not UTF-8 on disk holds surrogates, which str.encode() refuses
+        h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}\n".encode())
     return h.hexdigest()
 
 
@@ -152,6 +162,20 @@ def _square_or_none(args):
         return None
 
 
+def abandoned_build(tmp: Path) -> bool:
+    """Whether a temp file of a cache build is left over from a build that ended without finishing (killed, out of
+    memory): its process on this machine is gone, or it has not been written for a day."""
+    m = re.fullmatch(r"\.images-.+\.npy\.(.+)\.(\d+)\.[0-9a-f]+\.tmp", tmp.name)
+    if m and m[1] == socket.gethostname() and os.name == "posix":
+        try:
+            os.kill(int(m[2]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's process: alive
+            pass
+    return time.time() - tmp.stat().st_mtime > 86400
+
+
 def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "caching images"):
     """Decode `paths` into cache_dir/images-{size}px-*.npy unless a cache of exactly these files exists.
 
@@ -160,7 +184,7 @@ def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "cach
     paths = [str(p) for p in paths]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
+    key = hashlib.sha1(b"\n".join(map(os.fsencode, paths))).hexdigest()[:12]
     file, meta_file = cache_dir / f"images-{size}px-{key}.npy", cache_dir / f"images-{size}px-{key}.json"
     stamp = fingerprint(paths)
     if file.exists() and meta_file.exists():
@@ -169,15 +193,21 @@ def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "cach
             return CacheSource(file, size), meta["failed"]
     # a cache of this size for another list of files (images added, removed or found broken since) is stale, and
     # at Flickr30k's size it holds gigabytes; caches of other sizes stay, for models of other resolutions
-    for old in cache_dir.glob(f"*images-{size}px-*"):
+    for old in cache_dir.glob(f"images-{size}px-*"):
         if old.name not in (file.name, meta_file.name):
-            old.unlink()
+            old.unlink(missing_ok=True)  # missing: another process building beside us got there first
+    for tmp in cache_dir.glob(".images-*.tmp"):  # never another process's build in progress
+        with contextlib.suppress(FileNotFoundError):
+            if abandoned_build(tmp):
+                tmp.unlink()
     need = len(paths) * size * size * 3
     free = shutil.disk_usage(cache_dir).free
     if need > free:
         raise OSError(f"the image cache needs {need / 1e9:.1f} GB in {cache_dir} but only {free / 1e9:.1f} GB are "
                       f"free; free some space or train with --image-cache off (decodes JPEGs every step)")
-    tmp = cache_dir / f".{file.name}.tmp"
+    # a name of our own: another process building the same cache (two runs on one data folder) writes beside us,
+    # and whichever finishes last replaces the other's equal file
+    tmp = cache_dir / f".{file.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
     jobs = [(p, size) for p in paths]
     pool = ProcessPoolExecutor(workers) if workers > 0 else None

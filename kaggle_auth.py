@@ -39,9 +39,18 @@ class Credentials:
         return f"Kaggle credentials: {self.source}" + (f" (user {self.username})" if self.username else "")
 
 
+def half_set() -> str:
+    """' (KAGGLE_USERNAME is set, but KAGGLE_KEY is not: ...)' when only one of the two is set, else ''."""
+    given = [name for name in ("KAGGLE_USERNAME", "KAGGLE_KEY") if os.environ.get(name, "").strip()]
+    if len(given) != 1:
+        return ""
+    missing = "KAGGLE_KEY" if given == ["KAGGLE_USERNAME"] else "KAGGLE_USERNAME"
+    return f" ({given[0]} is set, but {missing} is not: they work only as a pair)"
+
+
 def no_credentials_message(repo_dir) -> str:
-    return (f"no Kaggle credentials found, and no terminal to ask for them. Any one of these works (create a key "
-            f"at {API_PAGE}, \"Create New Token\"):\n"
+    return (f"no Kaggle credentials found{half_set()}, and no terminal to ask for them. Any one of these works "
+            f"(create a key at {API_PAGE}, \"Create New Token\"):\n"
             f"  - python download.py --kaggle-json PATH/TO/kaggle.json\n"
             f"  - put kaggle.json in the repo folder {repo_dir}\n"
             f"  - export KAGGLE_USERNAME=you KAGGLE_KEY=...\n"
@@ -61,11 +70,17 @@ def config_dirs() -> list[Path]:
 
 def read_kaggle_json(path: Path, source: str) -> Credentials:
     try:
-        data = json.loads(path.read_text())
-        username, key = str(data["username"]).strip(), str(data["key"]).strip()
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Windows editors may start it with a BOM
+        username, key = data["username"], data["key"]
     except (OSError, ValueError, TypeError, KeyError):
         raise CredentialsError(f"{path} is not a kaggle.json: it must be JSON like "
                                f'{{"username": "you", "key": "..."}}; download a fresh one from {API_PAGE}') from None
+    for name, value in (("username", username), ("key", key)):
+        if not isinstance(value, str) or not value.strip():  # else str() would make a key of "None"
+            got = "null" if value is None else "an empty string" if isinstance(value, str) else type(value).__name__
+            raise CredentialsError(f"{path}: \"{name}\" must be a non-empty string, got {got}; download a fresh "
+                                   f"kaggle.json from {API_PAGE}")
+    username, key = username.strip(), key.strip()
     if path.stat().st_mode & 0o077:
         print(f"note: {path} is readable by other users of this machine; `chmod 600 {path}` keeps the key private")
     return Credentials(source, username, key)
@@ -73,7 +88,8 @@ def read_kaggle_json(path: Path, source: str) -> Credentials:
 
 def ask_credentials(ask, ask_secret) -> Credentials:
     """Username and key from the person at the terminal; the key is read without echo. Offers to save them."""
-    print(f"No Kaggle credentials found. Create an API key at {API_PAGE} (\"Create New Token\"), then enter it here.")
+    print(f"No Kaggle credentials found{half_set()}. Create an API key at {API_PAGE} (\"Create New Token\"), "
+          f"then enter it here.")
     username = ask("Kaggle username: ").strip()
     key = ask_secret("Kaggle key (hidden): ").strip()
     if not username or not key:

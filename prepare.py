@@ -13,6 +13,7 @@ that cannot be decoded) and, with --split-file, `splits.json`. Every step can be
 import os
 import re
 import shutil
+import unicodedata
 import zipfile
 import zlib
 from collections import Counter
@@ -207,8 +208,16 @@ def fetch(spec: DatasetSpec, out: Path, zip_path=None, connect=None, keep_zip: b
     hand in OUT, else from Kaggle (the download is deleted after a successful extraction unless keep_zip). Does
     nothing when OUT already holds the data."""
     out.mkdir(parents=True, exist_ok=True)
-    if is_extracted(out) or (zip_path is None and adopt_unzipped(out, spec)):
+    if is_extracted(out):
+        if zip_path is not None:  # never replace a data set the user may have worked on
+            print(f"note: --zip {zip_path} was not used: {out} already holds a data set; to prepare from the zip "
+                  f"instead, pass another --out, or delete {out} first")
         return
+    if zip_path is None and adopt_unzipped(out, spec):
+        return
+    if zip_path is not None and Path(zip_path).is_dir():
+        raise PrepareError(f"--zip {zip_path} is a folder, not a zip file; name the .zip itself, or move an unzipped "
+                           f"download into --out and run without --zip")
     if zip_path is not None and not Path(zip_path).is_file():
         raise PrepareError(f"--zip {zip_path}: no such file")
     if zip_path is not None and not zip_is_complete(zip_path):
@@ -276,21 +285,49 @@ def count_mismatches(spec: DatasetSpec | None, image_files: int, caption_rows: i
             for what, (got, want) in found.items() if got != want]
 
 
+def not_utf8(name: str) -> bool:
+    """Whether a file name on disk is not UTF-8: Python keeps its stray bytes as surrogates U+DC80..U+DCFF."""
+    return any("\udc80" <= c <= "\udcff" for c in name)
+
+
+def spelling(name: str) -> str:
+    """A file name as a caption row would spell it: NFC (zips made on a Mac may hold NFD names), and a name that
+    is not UTF-8 read as Windows-1252, as dataset.py reads caption lines that are not UTF-8."""
+    if not_utf8(name):
+        name = os.fsencode(name).decode("cp1252", errors="replace")
+    return unicodedata.normalize("NFC", name)
+
+
+def missing_image(image: str, image_dir: Path, spellings: dict[str, str]) -> str:
+    """Why a caption row's image is not among the images, as precisely as the folder allows."""
+    if "/" in image and (image_dir / image).is_file():
+        return f"{image} is in a subfolder; images must lie directly in {image_dir.name}/ (no subfolders)"
+    other = spellings.get(spelling(image))
+    if other is not None and not_utf8(other):
+        return (f"no image {image} in {image_dir.name}/, but there is {os.fsencode(other)!r}, whose name is not "
+                f"UTF-8; rename it to {image}")
+    if other is not None:
+        return (f"no image {image} in {image_dir.name}/, but there is {other!r}: the same name in another Unicode "
+                f"form (NFC vs NFD, as in zips made on a Mac); rename the file or fix the caption file to match")
+    return f"no image {image} in {image_dir.name}/"
+
+
 def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Path], bad: dict[str, str]) -> dict:
     """What the folder holds and what was wrong with it: the contents of prepare_report.json."""
     caption_file, image_dir = find_layout(data_dir)
     rows, parsed = read_captions(data_dir)
+    caption_rows = len(rows) + len(parsed.duplicate_rows) + len(parsed.dropped_rows)  # every row of the file
     on_disk = {p.name for p in image_files}
+    spellings = {spelling(name): name for name in on_disk}
     captions, captioned = Counter(), set()
     for line, image, _ in rows:
         if image not in on_disk:
-            parsed.dropped_rows.append({"line": line, "reason": f"no image {image} in {image_dir.name}/",
+            parsed.dropped_rows.append({"line": line, "reason": missing_image(image, image_dir, spellings),
                                         "file": caption_file.name})
             continue
         captioned.add(image)
         if image not in bad:
             captions[image] += 1
-    caption_rows = len(rows) + len(parsed.duplicate_rows)
     warnings = count_mismatches(spec, len(image_files), caption_rows)
     try:
         members = split_names(sorted(captioned), data_dir)  # as training draws them: bad images drop out after
@@ -336,6 +373,15 @@ def read_old_report(data_dir: Path) -> dict:
     return old if isinstance(old, dict) else {}
 
 
+def save_json(path: Path, obj) -> None:
+    """write_json, where a folder that cannot be written (read-only, full) ends in one line naming the file."""
+    try:
+        write_json(path, obj)
+    except OSError as e:
+        raise PrepareError(f"could not write {path} ({e.strerror or e}); make {path.parent} writable, or copy the "
+                           f"folder somewhere writable and prepare the copy") from None
+
+
 def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers: int = 0,
             reverify: bool = False) -> dict:
     """Verify a data folder and write DATA/prepare_report.json (and DATA/splits.json from `split_file`).
@@ -346,14 +392,14 @@ def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers:
     caption_file, image_dir = find_layout(data_dir)
     previous = (data_dir / "splits.json").read_bytes() if (data_dir / "splits.json").exists() else None
     if split_file:
-        write_json(data_dir / "splits.json", read_split_file(split_file))
+        save_json(data_dir / "splits.json", read_split_file(split_file))
     image_files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     images_stamp = fingerprint(image_files)
     splits_file = [data_dir / "splits.json"] if (data_dir / "splits.json").exists() else []
     stamp = fingerprint([caption_file, *image_files, *splits_file])
     old = read_old_report(data_dir)
     spec = spec or DATASETS.get(old.get("dataset"))  # --prepare on a folder that download.py made
-    if old.get("fingerprint") == stamp and not reverify:
+    if old.get("fingerprint") == stamp and old.get("images") and not reverify:
         print(f"{data_dir} is already prepared and unchanged since its {REPORT}")
         summarize(data_dir, old)
         return old
@@ -369,6 +415,11 @@ def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers:
         else:
             (data_dir / "splits.json").write_bytes(previous)
         raise PrepareError(f"--split-file {split_file} does not fit {data_dir}: {report['warnings'][-1]}")
-    write_json(data_dir / REPORT, report)
+    save_json(data_dir / REPORT, report)
     summarize(data_dir, report)
+    if not report["images"]:  # training could not start: an error, not a warning
+        first = f"; the first dropped row: {report['dropped_rows'][0]['reason']}" if report["dropped_rows"] else ""
+        raise PrepareError(f"{data_dir}: no usable image: none of its {len(image_files):,} image files is both "
+                           f"captioned and decodable ({report['caption_rows']:,} caption rows, {len(bad):,} images "
+                           f"that cannot be decoded){first}; all in {data_dir / REPORT}")
     return report

@@ -1,7 +1,8 @@
 """Tokenizers: the text model's own from the Hub, or a WordPiece one trained offline on a data set's captions.
 
 The local one is saved as DATA/tokenizer (tokenizer.json + config) and loaded through transformers like any other,
-so an offline data folder in the Flickr30k format trains with no download at all.
+so an offline data folder in the Flickr30k format trains with no download at all. A data folder that cannot be
+written (read-only, a shared mount) still trains: the tokenizer is then kept in memory, and each checkpoint holds it.
 """
 
 import hashlib
@@ -16,8 +17,8 @@ from utils import hub_error, write_json
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(captions: list[str], vocab_size: int, out_dir) -> PreTrainedTokenizerFast:
-    """A lower-casing BERT-style WordPiece tokenizer learned from `captions`, saved to out_dir."""
+def train_wordpiece(captions: list[str], vocab_size: int, out_dir=None) -> PreTrainedTokenizerFast:
+    """A lower-casing BERT-style WordPiece tokenizer learned from `captions`, saved to out_dir if given."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -28,7 +29,8 @@ def train_wordpiece(captions: list[str], vocab_size: int, out_dir) -> PreTrained
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]")
-    fast.save_pretrained(out_dir)
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
     return fast
 
 
@@ -44,8 +46,16 @@ def load_tokenizer(name: str, text_model: str, data_dir, train_captions, vocab_s
         if not (path / "tokenizer.json").exists() or not record.exists() or json.loads(record.read_text()) != source:
             print(f"training a WordPiece tokenizer of at most {vocab_size} tokens on the {len(captions)} training "
                   f"captions -> {path}")
-            train_wordpiece(captions, vocab_size, path)
-            write_json(record, source)
+            tokenizer = train_wordpiece(captions, vocab_size)
+            try:
+                record.unlink(missing_ok=True)  # until the new one is saved whole, the folder holds no valid one
+                tokenizer.save_pretrained(path)
+                write_json(record, source)  # last: a tokenizer saved only in part is trained again next time
+            except OSError as e:
+                print(f"note: could not save the tokenizer to {path} ({e.strerror or e}); training goes on with it "
+                      f"from memory (checkpoints hold their own copy), but it is trained again every run until "
+                      f"{path.parent} is writable")
+                return tokenizer
         return AutoTokenizer.from_pretrained(path)
     name = name or text_model
     try:

@@ -1,17 +1,23 @@
 """Broken and odd inputs, one kind per test: images that are converted or excluded at prepare time, caption rows
 that are repaired or reported with their line numbers, split files that are refused with the file named."""
 
+import errno
 import io
 import json
+import os
+import unicodedata
 
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import download
+import prepare as prepare_module
 from dataset import CaptionData, read_captions, split_names
-from images import check_image, load_rgb
+from images import build_cache, check_image, load_rgb
 from prepare import prepare
+from tokenizer import load_tokenizer
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
@@ -214,3 +220,111 @@ def test_unreadable_split_file_names_itself(tmp_path):
     (tmp_path / "splits.json").write_text(json.dumps({"train": ["a.jpg"], "val": ["x.jpg"], "test": ["b.jpg"]}))
     with pytest.raises(ValueError, match="none of the 1 val images it names is a usable image"):
         split_names(["a.jpg", "b.jpg"], tmp_path)
+
+
+# --- images and names that used to go wrong quietly ---
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped_to_white(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64), (16, 1)).astype(np.uint16)  # 0 to 65535, left to right
+    path = save(tmp_path / "a.png", Image.fromarray(ramp), "PNG")
+    assert Image.open(path).mode.startswith("I")
+    pixels = np.asarray(load_rgb(path)).astype(int)
+    assert check_image(path) is None and pixels.shape == (16, 64, 3) and (pixels == pixels[:, :, :1]).all()  # gray
+    row = pixels[0, :, 0]
+    assert row[0] == 0 and row[-1] == 255 and np.all(np.diff(row) > 0)  # the whole range, rising
+    assert np.abs(row - np.linspace(0, 255, 64)).max() <= 2  # in step with the 16-bit values, not black then white
+
+
+def test_file_name_that_is_not_utf8_is_named_in_the_report_and_the_rest_prepares(tmp_path):
+    names = [f"{i}.jpg" for i in range(30)]
+    folder = caption_folder(tmp_path, "results.csv", HEADER + "".join(
+        f"{n}| 0| picture {n}\n" for n in [*names, "café.jpg"]).encode(), images=names)
+    odd = os.fsencode(folder / "images") + b"/caf\xe9.jpg"  # Latin-1 bytes, as an old camera or zip may name it
+    with open(odd, "wb") as f:
+        f.write(jpeg_bytes(noise(size=(8, 8))))
+    assert download.main(["--prepare", str(folder), "--workers", "1"]) == 0
+    report = json.loads((folder / "prepare_report.json").read_text())
+    assert report["images"] == 30 and report["images_without_captions"] == [os.fsdecode(b"caf\xe9.jpg")]
+    assert report["dropped_rows"][0]["reason"] == ("no image café.jpg in images/, but there is b'caf\\xe9.jpg', "
+                                                   "whose name is not UTF-8; rename it to café.jpg")
+    # and the name reaches the cache key and its fingerprint without a crash
+    cache, failed = build_cache([os.fsdecode(odd), folder / "images" / "0.jpg"], 8, tmp_path / "cache")
+    assert failed == [] and len(cache) == 2
+
+
+def test_captions_naming_images_in_subfolders_say_images_lie_directly_in_the_folder(tmp_path, capsys):
+    folder = caption_folder(tmp_path, "captions.csv", b"image,caption\ncats/0.jpg,a cat\ncats/1.jpg,a cat\n",
+                            images=["cats/0.jpg", "cats/1.jpg"])
+    with pytest.raises(SystemExit) as e:  # nothing usable: an error, not a report of 0 images
+        download.main(["--prepare", str(folder), "--workers", "1"])
+    assert e.value.code != 0 and "no usable image" in str(e.value.code)
+    assert "cats/0.jpg is in a subfolder; images must lie directly in images/ (no subfolders)" in str(e.value.code)
+    report = json.loads((folder / "prepare_report.json").read_text())
+    assert [r["line"] for r in report["dropped_rows"]] == [2, 3] and report["images"] == 0
+    with pytest.raises(SystemExit, match="no usable image"):  # and again: an unusable folder is never "prepared"
+        download.main(["--prepare", str(folder)])
+    with pytest.raises(prepare_module.PrepareError, match="no usable image"):
+        prepare(folder)
+
+
+def test_image_name_in_another_unicode_form_names_both_spellings(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "café.jpg"), unicodedata.normalize("NFD", "café.jpg")
+    names = [f"{i}.jpg" for i in range(30)]
+    folder = caption_folder(tmp_path, "results.csv", HEADER + "".join(
+        f"{n}| 0| picture {n}\n" for n in [*names, nfc]).encode(), images=[*names, nfd])  # a zip made on a Mac
+    report = prepare(folder, workers=1)
+    reason = report["dropped_rows"][0]["reason"]
+    assert f"no image {nfc} in images/, but there is {nfd!r}" in reason and "NFC vs NFD" in reason
+    assert (folder / "images" / nfd).exists() and not (folder / "images" / nfc).exists()  # nothing renamed
+
+
+def test_caption_rows_count_the_rows_dropped_while_parsing(tmp_path):
+    names = [f"{i}.jpg" for i in range(30)]
+    folder = caption_folder(tmp_path, "results.csv", HEADER + "".join(
+        f"{n}| 0| picture {n}\n" for n in names).encode() + b"a line that is no caption row\n", images=names)
+    report = prepare(folder, workers=1)
+    assert len(report["dropped_rows"]) == 1 and report["caption_rows"] == 31  # every row of the file
+
+
+def test_utf16_caption_file_says_save_it_as_utf8(tmp_path):
+    text = "image,caption\n" + "".join(f"{i}.jpg,picture {i}\n" for i in range(30))
+    folder = caption_folder(tmp_path, "captions.csv", text.encode("utf-16"),  # Excel's "Unicode text"
+                            images=[f"{i}.jpg" for i in range(30)])
+    with pytest.raises(SystemExit, match="captions.csv is UTF-16 text.*save it as UTF-8"):
+        download.main(["--prepare", str(folder), "--workers", "1"])
+    with pytest.raises(ValueError, match="captions.csv is UTF-16 text.*save it as UTF-8"):  # what train.py reads
+        CaptionData(folder, verbose=False)
+
+
+# --- a data folder that cannot be written ---
+
+def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", "/data/.prepare_report.json.x1y2.tmp")
+
+
+def test_prepare_in_a_read_only_folder_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    names = [f"{i}.jpg" for i in range(30)]
+    folder = caption_folder(tmp_path, "results.csv", HEADER + "".join(
+        f"{n}| 0| picture {n}\n" for n in names).encode(), images=names)
+    monkeypatch.setattr(prepare_module, "write_json", read_only)  # as root, chmod would not stop the write
+    with pytest.raises(SystemExit) as e:
+        download.main(["--prepare", str(folder), "--workers", "1"])
+    message = str(e.value.code)
+    assert message == (f"error: could not write {folder / 'prepare_report.json'} (Read-only file system); make "
+                       f"{folder} writable, or copy the folder somewhere writable and prepare the copy")
+
+
+def test_local_tokenizer_trains_from_memory_when_the_data_folder_is_read_only(tmp_path, monkeypatch, capsys):
+    captions = [f"a {c} {s} in the {p}" for c in ("red", "blue", "green") for s in ("circle", "star")
+                for p in ("middle", "top left", "bottom")]
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", read_only)
+    kept = load_tokenizer("local", "distilbert", tmp_path / "data", lambda: captions, 60)
+    printed = capsys.readouterr().out
+    assert f"could not save the tokenizer to {tmp_path / 'data' / 'tokenizer'} (Read-only file system)" in printed
+    assert not (tmp_path / "data").exists()
+    # it works as the copy a checkpoint saves and loads again
+    monkeypatch.undo()
+    kept.save_pretrained(tmp_path / "checkpoint-tokenizer")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "checkpoint-tokenizer")
+    assert len(kept) == len(loaded) and kept.pad_token_id == loaded.pad_token_id
+    assert kept(captions + ["a purple hexagon"])["input_ids"] == loaded(captions + ["a purple hexagon"])["input_ids"]

@@ -148,3 +148,30 @@ def test_a_network_failure_is_not_blamed_on_the_credentials(failure, message, mo
     monkeypatch.setattr(KaggleApi, "authenticate", authenticate)
     with pytest.raises(CredentialsError, match=message):
         kaggle_auth.kaggle_api(kaggle_auth.Credentials("KAGGLE_API_TOKEN", token="abc"))
+
+
+def test_kaggle_json_saved_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "repo" / "kaggle.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"username": "alice", "key": KEY}).encode())  # as Notepad saves it
+    path.chmod(0o600)
+    creds = resolve_credentials()
+    assert (creds.username, creds.key) == ("alice", KEY)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"username": "alice", "key": None}, '"key" must be a non-empty string, got null'),
+    ({"username": "alice", "key": "  "}, '"key" must be a non-empty string, got an empty string'),
+    ({"username": 42, "key": KEY}, '"username" must be a non-empty string, got int'),
+])
+def test_kaggle_json_with_a_missing_value_names_the_field(tmp_path, content, message):
+    (tmp_path / "bad.json").write_text(json.dumps(content))
+    with pytest.raises(CredentialsError, match=f"bad.json: {message}"):
+        resolve_credentials(kaggle_json=tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("given, missing", [("KAGGLE_USERNAME", "KAGGLE_KEY"), ("KAGGLE_KEY", "KAGGLE_USERNAME")])
+def test_half_of_the_environment_variables_says_which_one_is_missing(given, missing, monkeypatch):
+    monkeypatch.setenv(given, "alice" if given == "KAGGLE_USERNAME" else KEY)
+    with pytest.raises(CredentialsError, match=f"{given} is set, but {missing} is not") as e:
+        resolve_credentials()
+    assert KEY not in str(e.value)

@@ -195,3 +195,19 @@ def test_resuming_a_run_from_before_split_records_remembers_the_old_default_spli
     old_train = set(legacy_train_names(list(data.captions)))
     assert seen == sorted(old_train & set(data.splits["val"].images + data.splits["test"].images)) and len(seen) > 20
     assert set(trained_images(file)) == old_train | set(data.splits["train"].images)
+
+
+def test_a_cache_that_cannot_be_built_with_image_cache_on_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import dataset
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    data = CaptionData(small_data_set(tmp_path / "data"), verbose=False)
+    monkeypatch.setattr(dataset, "build_cache", read_only)
+    with pytest.raises(ValueError, match="--image-cache on: could not build the image cache .*Read-only file system"):
+        data.open_images(16, mode="on")
+    data.open_images(16, mode="auto")  # auto decodes JPEGs instead
+    assert data.source.get([0]).shape == (1, 16, 16, 3)

@@ -394,3 +394,43 @@ def test_shapes_are_drawn_once_per_request_and_redrawn_clean_for_another(tmp_pat
     with pytest.raises(SystemExit):
         download.main(args + ["--num-images", "20"])
     assert "holds files a shapes set does not make (['notes.txt'])" in capsys.readouterr().err
+
+
+def test_shapes_never_overwrite_another_data_set(tmp_path, kaggle_zip, capsys):
+    out = tmp_path / "flickr30k"
+    assert run(["--zip", str(kaggle_zip), "--out", str(out)]) == 0
+    (out / "tokenizer").mkdir()  # what training adds: still only names a shapes folder holds too
+    before = sorted(p.name for p in (out / "images").iterdir())
+    with pytest.raises(SystemExit) as e:
+        download.main(["--dataset", "shapes", "--out", str(out), "--num-images", "20", "--image-size", "32x32"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{out} already holds images/ or results.csv" in err and "another --out" in err
+    assert sorted(p.name for p in (out / "images").iterdir()) == before
+    assert (out / "results.csv").read_bytes() == flickr30k_files()[1]
+
+
+def test_zip_given_for_a_folder_that_already_holds_a_data_set_is_not_used_and_says_so(tmp_path, kaggle_zip, capsys):
+    out = tmp_path / "flickr30k"
+    assert run(["--zip", str(kaggle_zip), "--out", str(out)]) == 0
+    other = kaggle_flickr30k_zip(tmp_path / "newer.zip")
+    capsys.readouterr()
+    assert run(["--zip", str(other), "--out", str(out)]) == 0  # the data set there is kept, not replaced
+    printed = capsys.readouterr().out
+    assert f"--zip {other} was not used: {out} already holds a data set" in printed and "another --out" in printed
+
+
+def test_zip_flag_naming_a_folder_says_so(tmp_path):
+    (tmp_path / "unzipped").mkdir()
+    with pytest.raises(SystemExit, match="--zip .*unzipped is a folder, not a zip file"):
+        run(["--zip", str(tmp_path / "unzipped"), "--out", str(tmp_path / "d")])
+
+
+def test_a_failed_download_leaves_no_empty_folder_behind(tmp_path, kaggle_zip):
+    with pytest.raises(SystemExit, match="no Kaggle credentials found"):
+        run(["--out", str(tmp_path / "new" / "flickr30k")])
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    with pytest.raises(SystemExit, match="no such file"):
+        run(["--zip", str(tmp_path / "missing.zip"), "--out", str(existing)])
+    assert existing.is_dir()  # a folder that was there before stays

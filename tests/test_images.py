@@ -1,13 +1,17 @@
 """The cache gives the JPEG path's pixels; device-side augmentation matches its CPU definition."""
 
 import json
+import multiprocessing
+import os
+import socket
+import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from images import (JpegSource, build_cache, crop_resize, full_boxes, load_rgb, reference_crop_resize, sample_boxes,
-                    square_transform, to_square)
+from images import (JpegSource, build_cache, crop_resize, fingerprint, full_boxes, load_rgb, reference_crop_resize,
+                    sample_boxes, square_transform, to_square)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -132,3 +136,51 @@ def test_sampled_boxes_stay_inside_with_the_requested_area():
     assert 0.05 < (area == 1).float().mean() < 0.25  # where no draw fits, the whole square, as in torchvision
     same = sample_boxes(torch.Generator().manual_seed(1), 2000, 100, scale_min=0.9)
     assert torch.equal(boxes, same)
+
+
+def build_after(barrier, paths, cache_dir):
+    """A process that starts building a cache at the same moment as another (spawned: must be importable)."""
+    barrier.wait()
+    build_cache(paths, 32, cache_dir)
+
+
+def test_two_processes_building_one_cache_both_finish_with_a_valid_cache(tmp_path):
+    paths = [photo(tmp_path / f"{i}.jpg", 160, 120, i) for i in range(40)]
+    ctx = multiprocessing.get_context("spawn")  # fork could inherit the test process's thread pools
+    barrier = ctx.Barrier(2)
+    builders = [ctx.Process(target=build_after, args=(barrier, paths, tmp_path / "cache")) for _ in range(2)]
+    for p in builders:
+        p.start()
+    for p in builders:
+        p.join(120)
+    assert [p.exitcode for p in builders] == [0, 0]
+    cache, failed = build_cache(paths, 32, tmp_path / "cache")  # found, not rebuilt
+    assert failed == [] and np.array_equal(cache.get(np.arange(40)), JpegSource(paths, 32).get(np.arange(40)))
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_temp_files_of_dead_builds_are_removed_and_live_ones_kept(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    host = socket.gethostname()
+    dead = cache / f".images-48px-0123456789ab.npy.{host}.{2**22 + 1}.00ff.tmp"  # above any pid_max: no such process
+    live = cache / f".images-32px-0123456789ab.npy.{host}.{os.getpid()}.00ff.tmp"  # a build in progress beside us
+    old = cache / ".images-32px-0123456789ab.npy.tmp"  # named by an older version, two days untouched
+    for path in (dead, live, old):
+        path.write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    paths = [photo(tmp_path / f"{i}.jpg", 40, 30, i) for i in range(2)]
+    _, failed = build_cache(paths, 32, cache)
+    assert failed == [] and not dead.exists() and not old.exists() and live.exists()
+
+
+def test_fingerprint_sees_two_files_swapped_by_renaming(tmp_path):
+    a, b = photo(tmp_path / "a.jpg", 40, 30, 1), photo(tmp_path / "b.jpg", 40, 30, 2)
+    for path in (a, b):
+        path.write_bytes(path.read_bytes()[:600].ljust(600, b"\0"))  # same size
+        os.utime(path, ns=(10**18, 10**18))  # same time
+    before = fingerprint([a, b])
+    os.rename(a, tmp_path / "t.jpg")
+    os.rename(b, a)
+    os.rename(tmp_path / "t.jpg", b)
+    assert fingerprint([a, b]) != before
