@@ -54,7 +54,8 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
         # a Flickr folder holds only names a shapes folder may hold too: only a recipe says the set is ours to redraw
         if not (out / SHAPES_RECIPE).exists() and ((out / "images").exists() or (out / "results.csv").exists()):
             p.error(f"{out} already holds images/ or results.csv, but no {SHAPES_RECIPE}, so not a shapes set drawn "
-                    f"here; choose another --out, or delete {out} yourself if you no longer need it")
+                    f"here (or one drawn before 2026-11-26, when that file came in); choose another --out, or delete "
+                    f"{out} yourself if you no longer need it")
         shutil.rmtree(out / "images", ignore_errors=True)  # another set drawn before: start clean
         (out / "results.csv").unlink(missing_ok=True)
     make_shapes(out, args.num_images, width, height, args.seed, workers=os.cpu_count() or 1,
