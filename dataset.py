@@ -63,6 +63,12 @@ def find_layout(data_dir) -> tuple[Path, Path]:
     return captions, images
 
 
+def image_files_in(image_dir) -> list[Path]:
+    """The image files of a folder, sorted, by absolute path: what prepare_report.json's fingerprint covers, the same
+    however the folder is named (data/x, ./data/x, /home/.../data/x)."""
+    return sorted(p for p in Path(image_dir).resolve().iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
 def decode_lines(raw: bytes, report: ParseReport, source: str) -> list[str]:
     """Lines as text; a line that is not UTF-8 is decoded as Windows-1252 (which maps every byte) and reported."""
     lines = []
@@ -144,7 +150,7 @@ def read_captions(data_dir) -> tuple[list[tuple[int, str, str]], ParseReport]:
     caption_file, _ = find_layout(data_dir)
     report = ParseReport()
     raw = caption_file.read_bytes()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:4096]:  # read as UTF-8, every row is garbled
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw[:4096].count(0) > len(raw[:4096]) // 4:  # every other byte
         raise ValueError(f"{caption_file} is UTF-16 text (Excel's \"Unicode text\"?), not UTF-8; save it as UTF-8 "
                          f"(in Excel: \"CSV UTF-8\") and run again")
     lines = decode_lines(raw, report, caption_file.name)
@@ -228,8 +234,8 @@ def legacy_train_names(names: list[str]) -> list[str]:
 def split_names(names: list[str], data_dir) -> dict[str, list[str]]:
     """Image names per split: splits.json if the folder has one (images it names that are not usable here are
     skipped), else the names ordered by `split_rank`: the first 5% (at most 1,000) test, the next 5% val, the rest
-    train. Each image removed moves at most two others, each one split up (val into test, train into val); each
-    image added, at most two others one split down."""
+    train. An image removed or added moves at most three others, each by one split (three only where the 5% count
+    changes with it), so no single change moves a training image into the test split."""
     split_file = Path(data_dir) / "splits.json"
     if split_file.exists():
         given = check_splits(read_json_file(split_file, "remake it with `python download.py --prepare DIR "
@@ -342,11 +348,7 @@ class CaptionData:
         (found while caching, or with `verify`, by decoding every image once up front)."""
         paths = [self.image_dir / n for n in self.names]
         failed = []
-        if mode == "off":
-            self.source = JpegSource(paths, square)
-            if verify and not self.report_is_current():  # else prepare already checked these very files
-                failed = [str(self.image_dir / name) for name in find_bad_images(paths, workers)]
-        else:
+        if mode != "off":
             try:
                 self.source, failed = build_cache(paths, square, self.data_dir / ".cache", workers)
             except OSError as e:
@@ -355,7 +357,11 @@ class CaptionData:
                                      f" ({e.strerror or e}); free space or make it writable, or use --image-cache "
                                      f"auto or off (decodes JPEGs every step)") from None
                 print(f"not caching images ({e}); decoding JPEGs every step instead")
-                self.source = JpegSource(paths, square)
+                mode = "off"
+        if mode == "off":
+            self.source = JpegSource(paths, square)
+            if verify and not self.report_is_current():  # else prepare already checked these very files
+                failed = [str(self.image_dir / name) for name in find_bad_images(paths, workers)]
         if failed:
             failed = {Path(p).name for p in failed}
             print(f"{self.data_dir}: skipping {len(failed)} images that failed to decode, e.g. {sorted(failed)[:3]} "
@@ -369,8 +375,7 @@ class CaptionData:
         report = self.data_dir / "prepare_report.json"
         if not report.exists():
             return False
-        files = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)  # as prepare.py lists
-        return read_json_file(report, "").get("images_fingerprint") == fingerprint(files)
+        return read_json_file(report, "").get("images_fingerprint") == fingerprint(image_files_in(self.image_dir))
 
     def tokenize(self, tokenizer, max_length: int) -> None:
         """Tokenise every caption once, up front, padded to max_length (batches are trimmed later); after

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from checkpoint import load_model, read_info, run_dir_of
 from clip import clip_loss
-from dataset import (RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, legacy_train_names, text_batch,
-                     trained_images)
+from dataset import (RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, legacy_train_names, read_json_file,
+                     text_batch, trained_images)
 from images import Pixels
 from utils import autocast, inference_precision, pick_device, trained_data_dir, write_json
 
@@ -133,9 +133,12 @@ def warn_if_seen(checkpoint, data: CaptionData, split: str) -> int | None:
     seen = seen_in_training(checkpoint, data, split) if split != "train" else None
     if seen:
         record = run_dir_of(checkpoint) / RUN_SPLITS
-        fix = (f"`python download.py --prepare {data.data_dir} --split-file {record}` brings back the split it "
-               f"trained with" if record.exists() else
-               "its run predates RUN/splits.json and the default split has changed since: retrain to measure it")
+        if not record.exists():
+            fix = "its run predates RUN/splits.json and the default split has changed since: retrain to measure it"
+        elif set(read_json_file(record, "")[split]) & set(trained_images(record)):
+            fix = f"its data changed while it trained, so even its own {split} split holds them: retrain to measure it"
+        else:
+            fix = f"`python download.py --prepare {data.data_dir} --split-file {record}` brings back its split"
         print(f"WARNING: {len(seen)} of the {len(data.splits[split])} {split} images (e.g. {seen[:3]}) were training "
               f"images of checkpoint {checkpoint}, so recall on them overstates the model; {fix}", file=sys.stderr)
     return None if seen is None else len(seen)

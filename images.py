@@ -8,15 +8,14 @@ batches on the device, so the CPU only ever copies bytes.
 """
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
-import re
 import secrets
 import shutil
-import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -163,17 +162,33 @@ def _square_or_none(args):
 
 
 def abandoned_build(tmp: Path) -> bool:
-    """Whether a temp file of a cache build is left over from a build that ended without finishing (killed, out of
-    memory): its process on this machine is gone, or it has not been written for a day."""
-    m = re.fullmatch(r"\.images-.+\.npy\.(.+)\.(\d+)\.[0-9a-f]+\.tmp", tmp.name)
-    if m and m[1] == socket.gethostname() and os.name == "posix":
+    """Whether a cache build's temp file was left by a build that ended without finishing (killed, out of memory).
+    A live build holds an exclusive lock on its file (flock, which processes in other containers sharing the file
+    system see too); a file younger than a minute may be a build that has not taken its lock yet."""
+    if time.time() - tmp.stat().st_mtime < 60:
+        return False
+    with open(tmp, "rb") as f:
         try:
-            os.kill(int(m[2]), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # another user's process: alive
-            pass
-    return time.time() - tmp.stat().st_mtime > 86400
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
+
+
+def _decode_into(array: np.ndarray, paths: list[str], size: int, workers: int, desc: str) -> list[str]:
+    """Fill array[i] with path i's square, in `workers` processes; returns the paths that failed to decode."""
+    jobs = [(p, size) for p in paths]
+    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    results = pool.map(_square_or_none, jobs, chunksize=64) if pool else map(_square_or_none, jobs)
+    failed = []
+    for i, img in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
+        if img is None:
+            failed.append(paths[i])
+        else:
+            array[i] = img
+    if pool:
+        pool.shutdown()
+    return failed
 
 
 def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "caching images"):
@@ -207,22 +222,18 @@ def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "cach
                       f"free; free some space or train with --image-cache off (decodes JPEGs every step)")
     # a name of our own: another process building the same cache (two runs on one data folder) writes beside us,
     # and whichever finishes last replaces the other's equal file
-    tmp = cache_dir / f".{file.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-    jobs = [(p, size) for p in paths]
-    pool = ProcessPoolExecutor(workers) if workers > 0 else None
-    results = pool.map(_square_or_none, jobs, chunksize=64) if pool else map(_square_or_none, jobs)
-    failed = []
-    for i, img in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
-        if img is None:
-            failed.append(paths[i])
-        else:
-            array[i] = img
-    if pool:
-        pool.shutdown()
-    array.flush()
-    del array
-    os.replace(tmp, file)
+    tmp = cache_dir / f".{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "xb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the cache is in place: abandoned_build() leaves the file alone
+        try:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+            failed = _decode_into(array, paths, size, workers, desc)
+            array.flush()
+            del array
+            os.replace(tmp, file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     write_json(meta_file, {"version": CACHE_VERSION, "fingerprint": stamp, "size": size, "count": len(paths),
                            "failed": failed})
     fsync_dir(cache_dir)

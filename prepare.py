@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from dataset import (CAPTION_FILES, IMAGE_DIRS, IMAGE_EXTS, SPLITS, check_splits, find_layout, read_captions,
-                     read_json_file, split_names)
+from dataset import (CAPTION_FILES, IMAGE_DIRS, IMAGE_EXTS, SPLITS, check_splits, find_layout, image_files_in,
+                     read_captions, read_json_file, split_names)
 from images import find_bad_images, fingerprint
 from utils import write_json
 
@@ -346,8 +346,8 @@ def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Pat
         "images_without_captions": sorted(on_disk - {image for _, image, _ in rows} - set(bad)),
         "splits": splits,
         "split_rule": "splits.json" if (data_dir / "splits.json").exists() else
-        "default: seeded shuffle of the captioned images, 5% (at most 1,000) each for test and val; images "
-        "that cannot be decoded then drop out of the split they fell in",
+        "default: captioned images ranked by a hash of their file name, 5% (at most 1,000) each for test and "
+        "val; images that cannot be decoded then drop out of the split they fell in",
     }
 
 
@@ -393,10 +393,10 @@ def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers:
     previous = (data_dir / "splits.json").read_bytes() if (data_dir / "splits.json").exists() else None
     if split_file:
         save_json(data_dir / "splits.json", read_split_file(split_file))
-    image_files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    image_files = image_files_in(image_dir)
     images_stamp = fingerprint(image_files)
     splits_file = [data_dir / "splits.json"] if (data_dir / "splits.json").exists() else []
-    stamp = fingerprint([caption_file, *image_files, *splits_file])
+    stamp = fingerprint([caption_file.resolve(), *image_files, *(f.resolve() for f in splits_file)])
     old = read_old_report(data_dir)
     spec = spec or DATASETS.get(old.get("dataset"))  # --prepare on a folder that download.py made
     if old.get("fingerprint") == stamp and old.get("images") and not reverify:

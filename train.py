@@ -209,7 +209,8 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         earlier = record_split(run_dir / RUN_SPLITS, data, cfg.resume)  # what evaluate.py checks against
         if earlier:
             print(f"warning: {len(earlier)} val/test images (e.g. {earlier[:3]}) were training images earlier in "
-                  f"this run: {cfg.data_dir} changed since it began, so val and test recall overstate the model")
+                  f"this run: {cfg.data_dir} or its default split changed since the run began, so val and test "
+                  f"recall overstate the model")
         if cfg.resume:
             drop_rows_after(run_dir / "metrics.jsonl", state["epoch"])
             print(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")

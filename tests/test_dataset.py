@@ -55,6 +55,17 @@ def test_the_default_split_barely_moves_when_images_come_and_go():
     assert set(added["val"]) <= set(before["val"]) | set(before["test"]) | {f"new-{i}.jpg" for i in range(10)}
 
 
+@pytest.mark.parametrize("n", [8091, 8090, 3000])  # Flickr8k's count sits where 5% rounds the other way
+def test_no_single_change_moves_a_training_image_into_the_test_split(n):
+    names = [f"{i}.jpg" for i in range(n)]
+    before = split_names(names, "nowhere")
+    for gone in np.random.default_rng(n).choice(n, 20, replace=False):
+        for after in (split_names(names[:gone] + names[gone + 1:], "nowhere"),
+                      split_names(names + ["new.jpg"], "nowhere")):
+            assert not set(after["test"]) & set(before["train"])
+            assert sum(len(set(after[s]) - set(before[s]) - {"new.jpg"}) for s in after) <= 3
+
+
 def test_split_file_overrides_the_seeded_split(tmp_path):
     (tmp_path / "splits.json").write_text('{"train": ["a.jpg", "b.jpg"], "val": ["c.jpg"], "test": ["d.jpg", "x.jpg"]}')
     got = split_names(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], tmp_path)
@@ -209,5 +220,23 @@ def test_a_cache_that_cannot_be_built_with_image_cache_on_is_one_line(tmp_path, 
     monkeypatch.setattr(dataset, "build_cache", read_only)
     with pytest.raises(ValueError, match="--image-cache on: could not build the image cache .*Read-only file system"):
         data.open_images(16, mode="on")
-    data.open_images(16, mode="auto")  # auto decodes JPEGs instead
-    assert data.source.get([0]).shape == (1, 16, 16, 3)
+    victim = tmp_path / "data" / "images" / data.splits["train"].images[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated, and no prepare report: nobody checked it yet
+    data.open_images(16, mode="auto")  # auto decodes JPEGs instead, checking them first as --image-cache off does
+    assert victim.name not in data.splits["train"].images
+    assert data.source.get(data.splits["train"].rows).shape == (len(data.splits["train"]), 16, 16, 3)
+
+
+def test_a_report_made_through_another_spelling_of_the_folder_is_current(tmp_path, monkeypatch):
+    small_data_set(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert download.main(["--prepare", "data", "--workers", "1"]) == 0
+    assert CaptionData(tmp_path / "data", verbose=False).report_is_current()
+    assert CaptionData("./data/", verbose=False).report_is_current()
+
+
+def test_a_stray_nul_byte_does_not_make_a_caption_file_utf16(tmp_path):
+    folder = small_data_set(tmp_path / "data")
+    text = (folder / "results.csv").read_text().replace("picture 3 caption 0", "picture 3 caption\x00 0")
+    (folder / "results.csv").write_text(text)
+    assert len(CaptionData(folder, verbose=False).names) == 40

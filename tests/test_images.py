@@ -1,12 +1,13 @@
 """The cache gives the JPEG path's pixels; device-side augmentation matches its CPU definition."""
 
+import fcntl
 import json
 import multiprocessing
 import os
-import socket
 import time
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -162,16 +163,31 @@ def test_two_processes_building_one_cache_both_finish_with_a_valid_cache(tmp_pat
 def test_temp_files_of_dead_builds_are_removed_and_live_ones_kept(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
-    host = socket.gethostname()
-    dead = cache / f".images-48px-0123456789ab.npy.{host}.{2**22 + 1}.00ff.tmp"  # above any pid_max: no such process
-    live = cache / f".images-32px-0123456789ab.npy.{host}.{os.getpid()}.00ff.tmp"  # a build in progress beside us
-    old = cache / ".images-32px-0123456789ab.npy.tmp"  # named by an older version, two days untouched
-    for path in (dead, live, old):
+    dead = cache / ".images-48px-0123456789ab.npy.4194305.00ff.tmp"  # its build was killed: no lock on it
+    live = cache / ".images-32px-0123456789ab.npy.77.00ff.tmp"  # a build in progress, perhaps in another container
+    young = cache / ".images-24px-0123456789ab.npy.78.00ff.tmp"  # a build that has not taken its lock yet
+    old = cache / ".images-32px-0123456789ab.npy.tmp"  # named by an older version
+    for path in (dead, live, young, old):
         path.write_bytes(b"partial")
-    os.utime(old, (time.time() - 2 * 86400,) * 2)
-    paths = [photo(tmp_path / f"{i}.jpg", 40, 30, i) for i in range(2)]
-    _, failed = build_cache(paths, 32, cache)
-    assert failed == [] and not dead.exists() and not old.exists() and live.exists()
+    for path in (dead, live, old):
+        os.utime(path, (time.time() - 3600,) * 2)
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as build_cache holds it
+        paths = [photo(tmp_path / f"{i}.jpg", 40, 30, i) for i in range(2)]
+        _, failed = build_cache(paths, 32, cache)
+    assert failed == [] and not dead.exists() and not old.exists() and live.exists() and young.exists()
+
+
+def test_a_failed_build_leaves_no_temp_file(tmp_path, monkeypatch):
+    import images
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images, "_decode_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache([photo(tmp_path / "a.jpg", 40, 30)], 32, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_fingerprint_sees_two_files_swapped_by_renaming(tmp_path):

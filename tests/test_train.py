@@ -113,7 +113,15 @@ def test_evaluation_warns_when_the_split_now_holds_training_images(tiny_run, sha
     (data / "splits.json").write_text(json.dumps(leaked))
     metrics = evaluate.main(["--checkpoint", str(run / "best"), "--data-dir", str(data)])
     assert metrics["seen_in_training"] == 5
-    assert "WARNING: 5 of the 40 test images" in capsys.readouterr().err
+    warning = capsys.readouterr().err
+    assert "WARNING: 5 of the 40 test images" in warning and f"--split-file {run / 'splits.json'}" in warning
+
+    (data / "splits.json").unlink()  # back to the split the run recorded, but the run trained on 3 of its test images
+    changed = shutil.copytree(run, tmp_path / "changed-run", symlinks=True, ignore=shutil.ignore_patterns("index-*"))
+    (changed / "splits.json").write_text(json.dumps({**record, "trained_earlier": record["test"][:3]}))
+    metrics = evaluate.main(["--checkpoint", str(changed / "best"), "--data-dir", str(data)])
+    assert metrics["seen_in_training"] == 3
+    assert "even its own test split holds them: retrain" in capsys.readouterr().err
 
 
 def test_the_same_preset_learns_an_unseen_data_set(tmp_path):
