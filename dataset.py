@@ -346,7 +346,8 @@ class CaptionData:
     def open_images(self, square: int, mode: str = "auto", workers: int = 0, verify: bool = True) -> None:
         """Attach the pixels: a cache of squares (built once) or on-the-fly decoding; drops undecodable images
         (found while caching, or with `verify`, by decoding every image once up front)."""
-        paths = [self.image_dir / n for n in self.names]
+        root = self.image_dir.resolve()  # the cache is keyed by paths: one cache however the folder is spelled
+        paths = [root / n for n in self.names]
         failed = []
         if mode != "off":
             try:

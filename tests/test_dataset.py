@@ -235,6 +235,17 @@ def test_a_report_made_through_another_spelling_of_the_folder_is_current(tmp_pat
     assert CaptionData("./data/", verbose=False).report_is_current()
 
 
+def test_one_image_cache_serves_every_spelling_of_the_folder(tmp_path, monkeypatch):
+    small_data_set(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    CaptionData("data", verbose=False).open_images(16)
+    (cache,) = (tmp_path / "data" / ".cache").glob("*.npy")
+    built = cache.stat().st_mtime_ns
+    CaptionData(tmp_path / "data", verbose=False).open_images(16)  # as the notebook names it: not rebuilt
+    assert [p.name for p in (tmp_path / "data" / ".cache").glob("*.npy")] == [cache.name]
+    assert cache.stat().st_mtime_ns == built
+
+
 def test_a_stray_nul_byte_does_not_make_a_caption_file_utf16(tmp_path):
     folder = small_data_set(tmp_path / "data")
     text = (folder / "results.csv").read_text().replace("picture 3 caption 0", "picture 3 caption\x00 0")
