@@ -123,7 +123,7 @@ def resolve_credentials(kaggle_json=None, repo_dir=None, interactive: bool | Non
         return read_kaggle_json(path, f"--kaggle-json {path}")
     if (repo_dir / "kaggle.json").is_file():
         return read_kaggle_json(repo_dir / "kaggle.json", f"{repo_dir / 'kaggle.json'} (the repo folder)")
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+    if os.environ.get("KAGGLE_USERNAME", "").strip() and os.environ.get("KAGGLE_KEY", "").strip():
         return Credentials("the KAGGLE_USERNAME and KAGGLE_KEY environment variables",
                            os.environ["KAGGLE_USERNAME"].strip(), os.environ["KAGGLE_KEY"].strip())
     for folder in config_dirs():

@@ -175,3 +175,10 @@ def test_half_of_the_environment_variables_says_which_one_is_missing(given, miss
     with pytest.raises(CredentialsError, match=f"{given} is set, but {missing} is not") as e:
         resolve_credentials()
     assert KEY not in str(e.value)
+
+
+def test_a_blank_environment_variable_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", "   ")
+    with pytest.raises(CredentialsError, match="KAGGLE_USERNAME is set, but KAGGLE_KEY is not"):
+        resolve_credentials()
