@@ -33,7 +33,8 @@ class ImageEncoder(nn.Module):
             repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", "") or ""
             raise hub_error(name, "timm image weights", "--no-image-pretrained (random initialisation)", e,
                             repo) from None
-        self.out_dim = self.model.num_features
+        # pooled width: num_features, unless the model has a layer after pooling (MobileNetV3, GhostNet, ...)
+        self.out_dim = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self._check_size(name, image_size)
         self.data_config = timm.data.resolve_model_data_config(self.model)  # mean, std, crop_pct of its weights
 
@@ -44,7 +45,10 @@ class ImageEncoder(nn.Module):
         try:
             out = self.model.eval()(torch.zeros(1, 3, image_size, image_size))
         except (RuntimeError, AssertionError, ValueError) as e:
-            raise ValueError(f"--image-size {image_size} does not fit --image-model {name}: {e}") from None
+            native = (getattr(self.model, "pretrained_cfg", None) or {}).get("input_size", (0,))[-1]
+            hint = f"; it was made for {native} px, so try --image-size {native}" if native != image_size else ""
+            raise ValueError(f"--image-size {image_size} does not fit --image-model {name} "
+                             f"({str(e) or type(e).__name__ + ' in the model'}){hint}") from None
         finally:
             self.model.train(was_training)
         if out.shape != (1, self.out_dim):

@@ -261,11 +261,18 @@ def top_k(query: torch.Tensor, emb: torch.Tensor, k: int) -> list[tuple[int, flo
 
 
 def unknown_words(s: Searcher, text: str) -> None:
-    """Warn when the tokenizer knows none of a query's words: its embedding is then close to a blank query's."""
-    ids = s.tokenizer(text, truncation=True, max_length=s.cfg.max_length)["input_ids"]
-    words = [i for i in ids if i not in s.tokenizer.all_special_ids or i == s.tokenizer.unk_token_id]
-    if words and all(i == s.tokenizer.unk_token_id for i in words):
+    """Warn about the words of a query the tokenizer reads as [UNK] (an emoji, a script its vocabulary lacks): they
+    add nothing to the query, and a query of nothing else embeds like a blank one."""
+    unk = s.tokenizer.unk_token_id
+    enc = s.tokenizer(text, truncation=True, max_length=s.cfg.max_length, return_offsets_mapping=s.tokenizer.is_fast)
+    words = [i for i in enc["input_ids"] if i not in s.tokenizer.all_special_ids or i == unk]
+    spans = [span for i, span in zip(enc["input_ids"], enc.get("offset_mapping", [])) if i == unk]
+    unknown = list(dict.fromkeys(text[a:b] for a, b in spans if b > a))
+    if words and all(i == unk for i in words):
         print(f"warning: the model's vocabulary knows none of the words in {text!r}, so these results say little")
+    elif unknown:
+        print(f"warning: the model's vocabulary lacks {', '.join(map(repr, unknown))}: the search ignores "
+              f"{'it' if len(unknown) == 1 else 'them'}")
 
 
 def _normal(text: str) -> str:
@@ -274,7 +281,8 @@ def _normal(text: str) -> str:
 
 def search_text(s: Searcher, index: Index, text: str, k: int | None = None) -> list[Hit]:
     """The k images (default TEXT_K, or all if fewer) that best match a text; an image is a true match when the text
-    is one of its captions."""
+    is one of its captions. Warns about words the model's vocabulary lacks."""
+    unknown_words(s, text)
     own = {int(index.caption_image[c]) for c, caption in enumerate(index.captions) if _normal(caption) == _normal(text)}
     k = k or min(TEXT_K, len(index.image_emb))
     return [Hit(rank, row, index.paths[row], score, row in own)
@@ -400,7 +408,6 @@ def main(argv=None):
             return written
         if args.text is not None:
             hits = search_text(s, index, args.text, args.k)
-            unknown_words(s, args.text)
             print_hits(f"text -> image: {args.text!r} over {index.source}", hits)
             figure = text_to_image_figure(args.text, hits) if args.out else None
         else:

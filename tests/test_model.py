@@ -12,6 +12,7 @@ from clip import MAX_LOGIT_SCALE, CLIPModel, clip_loss
 from config import Config
 from conftest import tiny_config
 from distributed import Dist
+from modules import ImageEncoder
 from engine import make_optimizer, train_step
 
 
@@ -122,3 +123,20 @@ def test_a_checkpoint_saved_with_berts_pooler_still_loads(tmp_path):
     weights = {**model.state_dict(), "text_encoder.model.pooler.dense.weight": torch.zeros(64, 64)}
     save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "model.safetensors")
     load_weights(model, tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "lcnet_035"])
+def test_image_models_with_a_layer_after_pooling_project_its_width(name):
+    """timm models whose pooled features pass one more layer (MobileNetV3: 288 pooled, 1024 out) take a head of the
+    width that comes out."""
+    encoder = ImageEncoder(name, pretrained=False, image_size=32)
+    assert encoder.out_dim == encoder.model.head_hidden_size != encoder.model.num_features
+    model, cfg = tiny_model(image_model=name)
+    assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, cfg.projection_dim)
+
+
+def test_a_model_that_asserts_its_input_size_is_named_with_the_size_it_was_made_for():
+    with pytest.raises(ValueError, match=r"--image-size 64 does not fit --image-model halonet26t "
+                                         r"\(AssertionError in the model\); it was made for 256 px, so try "
+                                         r"--image-size 256"):
+        ImageEncoder("halonet26t", pretrained=False, image_size=64)
