@@ -13,13 +13,14 @@ MAX_LOGIT_SCALE = math.log(100)  # the logit scale is clamped at 100, as in the 
 
 
 class CLIPModel(nn.Module):
-    def __init__(self, cfg: Config, vocab_size: int, text_config=None):
-        """text_config: the text tower's transformers config, to rebuild a saved model with no download."""
+    def __init__(self, cfg: Config, vocab_size: int, text_config=None, pad_id: int | None = None):
+        """text_config: the text tower's transformers config, to rebuild a saved model with no download; pad_id: the
+        tokenizer's padding id, for a text tower built with random weights."""
         super().__init__()
         self.image_encoder = ImageEncoder(cfg.image_model, cfg.image_pretrained, cfg.image_size)
         if text_config is None:
             text_config = build_text_config(cfg.text_model, cfg.text_pretrained, cfg.text_layers, cfg.text_width,
-                                            cfg.text_heads, vocab_size, cfg.max_length)
+                                            cfg.text_heads, vocab_size, cfg.max_length, pad_id)
         self.text_encoder = TextEncoder(cfg.text_model, cfg.text_pretrained, cfg.text_pooling, vocab_size,
                                         text_config)
         self.image_projection = ProjectionHead(self.image_encoder.out_dim, cfg.projection_dim, cfg.dropout)

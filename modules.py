@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from packing import packed_forward
 from utils import hub_error
@@ -60,10 +61,10 @@ class ImageEncoder(nn.Module):
 
 
 def build_text_config(name: str, pretrained: bool, layers: int, width: int, heads: int, vocab_size: int,
-                      max_length: int):
+                      max_length: int, pad_id: int | None = None):
     """The transformers config of the text tower: a Hub model's own (pretrained), or, for random init, a model
     type's defaults ("distilbert") or a Hub model's architecture with the requested depth/width/heads and the
-    tokenizer's vocabulary."""
+    tokenizer's vocabulary and padding id."""
     if not pretrained and name in CONFIG_MAPPING:
         config = AutoConfig.for_model(name)
     else:
@@ -77,6 +78,8 @@ def build_text_config(name: str, pretrained: bool, layers: int, width: int, head
     if width and getattr(config, "embedding_size", None) == config.hidden_size:
         config.embedding_size = width  # architectures whose embeddings match their width (SqueezeBERT requires it)
     overrides = {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": heads}
+    if heads and getattr(config, "num_key_value_heads", None):
+        overrides["num_key_value_heads"] = heads  # grouped-query attention (Llama-style) keeps one key per head
     for key, value in overrides.items():
         if value:
             setattr(config, key, value)  # attribute_map turns these into e.g. DistilBERT's n_layers, dim, n_heads
@@ -88,6 +91,8 @@ def build_text_config(name: str, pretrained: bool, layers: int, width: int, head
         raise ValueError(f"--text-width {config.hidden_size} must be divisible by --text-heads "
                          f"{config.num_attention_heads}")
     config.vocab_size = vocab_size
+    if pad_id is not None or (config.pad_token_id or 0) >= vocab_size:
+        config.pad_token_id = pad_id or 0  # the tokenizer's, not the architecture's default (ModernBERT's is 50283)
     config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0), max_length)
     return config
 
@@ -102,6 +107,8 @@ class TextEncoder(nn.Module):
 
     def __init__(self, name: str, pretrained: bool, pooling: str, vocab_size: int, config=None):
         super().__init__()
+        if config is not None:  # before any download of weights
+            _check_architecture(name, config, pooling)
         if pretrained:
             try:
                 self.model = _with_sdpa(AutoModel.from_pretrained, name)
@@ -112,6 +119,7 @@ class TextEncoder(nn.Module):
                                  f" embeddings; use the model's own tokenizer (--tokenizer '')")
         else:
             self.model = _with_sdpa(AutoModel.from_config, config)
+        self.causal = _check_architecture(name, self.model.config, pooling)
         # PyTorch's fused attention (SDPA) where the architecture has it; its own attention code otherwise
         self.sdpa = self.model.config._attn_implementation == "sdpa"
         self.packed = packed_forward(self.model)  # the padding-free forward, or None (the architecture has none)
@@ -137,15 +145,31 @@ class TextEncoder(nn.Module):
     def _padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Given a 2-D mask, transformers first asks the host whether any token is padding (`mask.all()`, a device
         # sync in every eager step); a ready (B, 1, 1, L) boolean mask goes to SDPA as it is, with the same result.
-        mask = attention_mask[:, None, None, :].bool() if self.sdpa else attention_mask
+        # (A causal model gets the 2-D mask, to which transformers adds its causal part.)
+        mask = attention_mask[:, None, None, :].bool() if self.sdpa and not self.causal else attention_mask
         return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, H)
 
 
 class NoPooler(nn.Module):
-    """Stands in for a removed pooler: no weights, no output (some models call their pooler unconditionally)."""
+    """Stands in for a removed pooler: no weights, no work. It hands back its input, which nothing reads (models call
+    their pooler unconditionally, ALBERT also applies tanh to what it returns)."""
 
-    def forward(self, hidden: torch.Tensor) -> None:
-        return None
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def _check_architecture(name: str, config, pooling: str) -> bool:
+    """Refuse text models this tower cannot pool sensibly; True for a causal (decoder-only) one, which then keeps its
+    causal attention and needs mean pooling."""
+    if config.is_encoder_decoder:
+        raise ValueError(f"--text-model {name} is an encoder-decoder ({config.model_type}); use an encoder such as "
+                         f"distilbert-base-uncased, bert-base-uncased or roberta-base")
+    causal = (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+              and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    if causal and pooling == "cls":
+        raise ValueError(f"--text-model {name} is a causal (decoder-only) model, whose first token sees no other, "
+                         f"so --text-pooling cls would give every caption the same vector: use --text-pooling mean")
+    return causal
 
 
 def _with_sdpa(build, arg):

@@ -141,7 +141,7 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
         barrier(d)
 
     # --- model ---
-    raw = CLIPModel(cfg, len(tokenizer)).to(device)
+    raw = CLIPModel(cfg, len(tokenizer), pad_id=tokenizer.pad_token_id).to(device)
     pixels = Pixels.for_encoder(raw.image_encoder.data_config, cfg.image_size, cfg.channels_last)
     if cfg.channels_last:
         raw = raw.to(memory_format=torch.channels_last)

@@ -107,10 +107,11 @@ def test_the_temperature_stops_at_the_cap_and_can_come_back_down():
     assert model.logit_scale.item() < MAX_LOGIT_SCALE - 0.5
 
 
-@pytest.mark.parametrize("text_model", ["distilbert", "bert", "roberta", "squeezebert"])
+@pytest.mark.parametrize("text_model", ["distilbert", "bert", "roberta", "squeezebert", "albert", "modernbert"])
 def test_every_trainable_weight_gets_a_gradient_as_ddp_requires(text_model):
     """DDP stops at the second step when a trainable weight got no gradient, e.g. BERT's own pooler, which nothing
-    uses. (SqueezeBERT calls its pooler whatever it is: the stand-in must be callable.)"""
+    uses. (SqueezeBERT and ALBERT call their pooler whatever it is, ALBERT takes tanh of its output: the stand-in
+    must be callable and return a tensor.)"""
     model = CLIPModel(tiny_config(text_model=text_model), 500).train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 500, (4, 16), generator=g)
@@ -140,3 +141,33 @@ def test_a_model_that_asserts_its_input_size_is_named_with_the_size_it_was_made_
                                          r"\(AssertionError in the model\); it was made for 256 px, so try "
                                          r"--image-size 256"):
         ImageEncoder("halonet26t", pretrained=False, image_size=64)
+
+
+def test_a_causal_text_model_keeps_its_causal_attention_and_needs_mean_pooling():
+    with pytest.raises(ValueError, match="gpt2 is a causal .* use --text-pooling mean"):
+        CLIPModel(tiny_config(text_model="gpt2"), 500)
+    with pytest.raises(ValueError, match="t5 is an encoder-decoder"):
+        CLIPModel(tiny_config(text_model="t5", text_pooling="mean"), 500)
+    tower = CLIPModel(tiny_config(text_model="gpt2", text_pooling="mean"), 500).eval().text_encoder
+    ids = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    later = ids.clone()
+    later[:, 6:] = (later[:, 6:] + 1) % 500
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        first, changed = tower._padded(ids, mask), tower._padded(later, mask)  # (B, L, H) before pooling
+        assert torch.allclose(first[:, :6], changed[:, :6], atol=1e-6)  # later tokens do not reach earlier ones
+        assert not torch.allclose(first[:, 6:], changed[:, 6:])
+        mask[1, 8:] = 0
+        padded = ids.clone()
+        padded[1, 8:] = 3
+        assert torch.allclose(tower(ids, mask), tower(padded, mask), atol=1e-6)  # padding never counts
+
+
+@pytest.mark.parametrize("text_model", ["modernbert", "roberta"])
+def test_a_random_text_tower_pads_with_the_tokenizers_padding_id(text_model):
+    """ModernBERT's default padding id (50283) lies outside a small vocabulary; RoBERTa's (1) is [UNK] to the local
+    tokenizer, and RoBERTa numbers positions by it."""
+    model = CLIPModel(tiny_config(text_model=text_model), 500, pad_id=0)
+    assert model.text_encoder.model.config.pad_token_id == 0
+    assert model.text_encoder.model.embeddings.tok_embeddings.padding_idx == 0 if text_model == "modernbert" else \
+        model.text_encoder.model.embeddings.word_embeddings.padding_idx == 0
