@@ -90,9 +90,15 @@ def build_text_config(name: str, pretrained: bool, layers: int, width: int, head
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"--text-width {config.hidden_size} must be divisible by --text-heads "
                          f"{config.num_attention_heads}")
+    if len(getattr(config, "layer_types", None) or ()) not in (0, config.num_hidden_layers):
+        # per-layer attention kinds (ModernBERT, Gemma): derived again for the new depth, as the config would
+        config = type(config).from_dict({**config.to_dict(), "layer_types": None})
     config.vocab_size = vocab_size
     if pad_id is not None or (config.pad_token_id or 0) >= vocab_size:
         config.pad_token_id = pad_id or 0  # the tokenizer's, not the architecture's default (ModernBERT's is 50283)
+    for key in ("bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id"):
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) >= vocab_size:
+            setattr(config, key, None)  # ids in the architecture's own vocabulary, none of this tokenizer's
     config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0), max_length)
     return config
 

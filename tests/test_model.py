@@ -6,13 +6,14 @@ import copy
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from checkpoint import load_weights
 from clip import MAX_LOGIT_SCALE, CLIPModel, clip_loss
 from config import Config
 from conftest import tiny_config
 from distributed import Dist
-from modules import ImageEncoder
+from modules import ImageEncoder, build_text_config
 from engine import make_optimizer, train_step
 
 
@@ -171,3 +172,18 @@ def test_a_random_text_tower_pads_with_the_tokenizers_padding_id(text_model):
     assert model.text_encoder.model.config.pad_token_id == 0
     assert model.text_encoder.model.embeddings.tok_embeddings.padding_idx == 0 if text_model == "modernbert" else \
         model.text_encoder.model.embeddings.word_embeddings.padding_idx == 0
+
+
+@pytest.mark.parametrize("text_model", ["modernbert", "qwen2", "gpt2"])
+def test_a_random_text_tower_of_another_depth_rebuilds_from_its_saved_config(text_model):
+    """Checkpoints rebuild the text tower from its config's dict (checkpoint.load_model). ModernBERT and Qwen2 list an
+    attention kind per layer, which must follow the new depth; token ids of the architecture's own vocabulary must
+    not point outside the tokenizer's."""
+    config = build_text_config(text_model, False, 2, 64, 2, 500, 16, pad_id=0)
+    again = AutoConfig.for_model(**config.to_dict())
+    assert len(getattr(again, "layer_types", None) or [None, None]) == again.num_hidden_layers == 2
+    ids = [getattr(again, f"{k}_token_id", None) for k in ("pad", "bos", "eos", "cls", "sep")]
+    assert all(i is None or 0 <= i < 500 for i in ids)
+    model = CLIPModel(tiny_config(text_model=text_model, text_pooling="mean"), 500, text_config=again)
+    built = CLIPModel(tiny_config(text_model=text_model, text_pooling="mean"), 500, pad_id=0)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
