@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from utils import fsync_dir, write_json
 
+MIN_SIDE = 2  # pixels: a 1-pixel-wide file is a placeholder or a spacer, not a picture
 Image.MAX_IMAGE_PIXELS = 200_000_000  # still guards against decompression bombs, but allows big photos
 CACHE_VERSION = 3  # bump when `to_square` changes, so older caches are rebuilt (2: JPEGs decode at reduced scale;
 # 3: 16-bit grayscale is scaled to 8 bits, no longer clipped to white)
@@ -61,8 +62,12 @@ def square_transform(size: int) -> A.Compose:
 
 
 def to_square(path, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: the one way a file on disk becomes pixels, for the cache and the JPEG path alike."""
-    return square_transform(size)(image=np.asarray(load_rgb(path, min_side=size)))["image"]
+    """(size, size, 3) uint8: the one way a file on disk becomes pixels, for the cache and the JPEG path alike.
+    Refuses what `check_image` refuses as too small, so a searched folder skips the files training would skip."""
+    img = load_rgb(path, min_side=size)
+    if img.width < MIN_SIDE or img.height < MIN_SIDE:
+        raise ValueError(f"too small ({img.width}x{img.height})")
+    return square_transform(size)(image=np.asarray(img))["image"]
 
 
 def check_image(path) -> str | None:
@@ -72,7 +77,7 @@ def check_image(path) -> str | None:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
         with load_rgb(path) as img:
-            if img.width < 2 or img.height < 2:
+            if img.width < MIN_SIDE or img.height < MIN_SIDE:
                 return f"too small ({img.width}x{img.height})"
         return None
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, DecompressionBombError)

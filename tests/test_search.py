@@ -269,11 +269,13 @@ def test_small_folders_links_and_unknown_words(run, shapes_dir, tmp_path, capsys
         shutil.copy(image, folder / name)
     (folder / "link.jpg").symlink_to(folder / "a.jpg")  # the same file twice: one hit
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (1, 1)).save(folder / "dot.png")  # a spacer: too small for training, and for search too
     base = ["--checkpoint", str(run / "best"), "--images", str(folder), "--device", "cpu"]
     hits = search.main(base + ["--text", "a red circle"])  # fewer images than the default --k of 9
     assert sorted(os.path.basename(h.item) for h in hits) == ["a.jpg", "b.jpg"]
     printed = capsys.readouterr().out
     assert "over 2 images in" in printed and "vocabulary" not in printed
+    assert "skipping 2 files" in printed and "dot.png (ValueError: too small (1x1))" in printed
     search.main(base + ["--text", "\U0001F534\U0001F53A"])  # emoji: [UNK] [UNK] to this tokenizer
     assert "vocabulary knows none of the words" in capsys.readouterr().out
     search.main(base + ["--text", "a red circle \U0001F534"])  # one unknown word among known ones
