@@ -2,7 +2,7 @@
 ratios compare like with like.
 
     python bench.py                     # full sizes on a GPU: resnet50 + DistilBERT-shaped text tower, 224 px
-    python bench.py --tiny              # toy sizes on the CPU in about a minute (the CI smoke test)
+    python bench.py --tiny              # toy sizes on the CPU in 1-2 minutes (the CI smoke test)
     python bench.py --json bench.json   # also write every number
     python bench.py --sweep             # also try variants of the compiled step (minutes each on a GPU)
     python bench.py --profile prof/     # also where each of our steps spends its time (tables, Chrome traces)
@@ -475,7 +475,7 @@ def bench_checkpoint(sizes: Sizes, device, dtype, root: Path):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="toy sizes, CPU, about a minute")
+    p.add_argument("--tiny", action="store_true", help="toy sizes, CPU, 1-2 minutes")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--data-root", default="data/bench", help="where the Flickr-sized shapes set is drawn")

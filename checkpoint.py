@@ -314,8 +314,7 @@ def load_training_state(path, model, optimizer, scaler, rank: int) -> dict:
                 state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
     if "scaler" in info and scaler is not None:
         scaler.load_state_dict(info["scaler"])
-    if rank >= len(info["rng"]):
-        raise ValueError(f"{folder} was saved by {len(info['rng'])} processes; resume with the same number")
-    prefix = f"rng.{rank}."
-    set_rng_state(info["rng"][rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if rank < len(info["rng"]):  # a rank the run did not have yet (more processes now) keeps its fresh seed
+        prefix = f"rng.{rank}."
+        set_rng_state(info["rng"][rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     return info["state"]

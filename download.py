@@ -73,8 +73,9 @@ def main(argv=None, connect=kaggle_api) -> int:
     p.add_argument("--zip", help="prepare from this zip, downloaded by hand from the Kaggle page (kept)")
     p.add_argument("--prepare", metavar="DIR", help="only verify DIR (a folder in our format) and rewrite its report")
     p.add_argument("--split-file", help="Karpathy's dataset_flickr30k.json, or flickr30k_train_karpathy.txt "
-                                        "(with its val/test lists beside it), or a splits.json; default: a seeded "
-                                        "split with 1,000 test images (see README)")
+                                        "(with its val/test lists beside it), or a splits.json; default: 5%% (at most "
+                                        "1,000) of the images each for val and test, chosen by a hash of each file "
+                                        "name (see README)")
     p.add_argument("--kaggle-json", help="Kaggle credentials file (else: see kaggle_auth.py for where we look)")
     p.add_argument("--keep-zip", action="store_true", help="keep the downloaded zip after extracting it")
     p.add_argument("--workers", type=int, default=0, help="processes that verify images (default: one per CPU)")

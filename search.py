@@ -1,7 +1,7 @@
 """Search with a trained checkpoint: text -> image and image -> text, as a command and as the library demo.ipynb uses.
 
-    python search.py --checkpoint runs/shapes/best --text "a red circle" --k 9 --out results/x.jpg
-    python search.py --checkpoint runs/shapes/best --image data/shapes/images/1000003.jpg --out results/y.jpg
+    python search.py --checkpoint runs/shapes/best --text "a red circle" --k 9 --out x.jpg
+    python search.py --checkpoint runs/shapes/best --image data/shapes/images/1000012.jpg --out y.jpg
     python search.py --checkpoint runs/shapes/best --images ~/Pictures --text "a dog on a beach"
     python search.py --checkpoint runs/shapes/best --data-dir data/shapes --make-results results
 

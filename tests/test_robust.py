@@ -164,6 +164,18 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_the_settings_that_drew_its_epo
     assert [row["epoch"] for row in read_jsonl(run / "metrics.jsonl")] == [1]
 
 
+def test_at_an_epochs_end_a_run_resumes_with_more_processes_whose_new_ranks_keep_their_seed(tiny_run):
+    run, _ = tiny_run
+    model, cfg, _ = checkpoint.load_model(run / "last")
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    torch.manual_seed(cfg.seed + 1)  # what train.py seeds rank 1 with
+    fresh = torch.get_rng_state()
+    state = checkpoint.load_training_state(run / "last", model, optimizer, None, rank=1)  # saved by one process
+    assert state["batch"] == 0 and torch.equal(torch.get_rng_state(), fresh)
+    checkpoint.load_training_state(run / "last", model, optimizer, None, rank=0)
+    assert not torch.equal(torch.get_rng_state(), fresh)  # rank 0 gets the saved state
+
+
 def test_resume_forgets_metrics_logged_after_its_checkpoint(tmp_path):
     """A run killed while its epoch-2 checkpoint was being written has logged epoch 2; resuming from epoch 1's
     checkpoint runs epoch 2 again, and logs it once."""
