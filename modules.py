@@ -114,7 +114,7 @@ class TextEncoder(nn.Module):
     def __init__(self, name: str, pretrained: bool, pooling: str, vocab_size: int, config=None):
         super().__init__()
         if config is not None:  # before any download of weights
-            _check_architecture(name, config, pooling)
+            check_architecture(name, config, pooling)
         if pretrained:
             try:
                 self.model = _with_sdpa(AutoModel.from_pretrained, name)
@@ -125,7 +125,9 @@ class TextEncoder(nn.Module):
                                  f" embeddings; use the model's own tokenizer (--tokenizer '')")
         else:
             self.model = _with_sdpa(AutoModel.from_config, config)
-        self.causal = _check_architecture(name, self.model.config, pooling)
+        if config is None:
+            check_architecture(name, self.model.config, pooling)
+        self.causal = is_causal(self.model.config)  # keeps its causal attention (the 2-D mask in `_padded`)
         # PyTorch's fused attention (SDPA) where the architecture has it; its own attention code otherwise
         self.sdpa = self.model.config._attn_implementation == "sdpa"
         self.packed = packed_forward(self.model)  # the padding-free forward, or None (the architecture has none)
@@ -164,18 +166,20 @@ class NoPooler(nn.Module):
         return hidden
 
 
-def _check_architecture(name: str, config, pooling: str) -> bool:
-    """Refuse text models this tower cannot pool sensibly; True for a causal (decoder-only) one, which then keeps its
-    causal attention and needs mean pooling."""
+def is_causal(config) -> bool:
+    """A decoder-only architecture (GPT-2, Llama, ...): each token sees only those before it."""
+    return (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def check_architecture(name: str, config, pooling: str) -> None:
+    """Refuse text models this tower cannot pool sensibly."""
     if config.is_encoder_decoder:
         raise ValueError(f"--text-model {name} is an encoder-decoder ({config.model_type}); use an encoder such as "
                          f"distilbert-base-uncased, bert-base-uncased or roberta-base")
-    causal = (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-              and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    if causal and pooling == "cls":
+    if is_causal(config) and pooling == "cls":
         raise ValueError(f"--text-model {name} is a causal (decoder-only) model, whose first token sees no other, "
                          f"so --text-pooling cls would give every caption the same vector: use --text-pooling mean")
-    return causal
 
 
 def _with_sdpa(build, arg):

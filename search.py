@@ -261,8 +261,8 @@ def top_k(query: torch.Tensor, emb: torch.Tensor, k: int) -> list[tuple[int, flo
 
 
 def unknown_words(s: Searcher, text: str) -> None:
-    """Warn about the words of a query the tokenizer reads as [UNK] (an emoji, a script its vocabulary lacks): they
-    add nothing to the query, and a query of nothing else embeds like a blank one."""
+    """Warn about the words of a query the tokenizer reads as [UNK] (an emoji, a script its vocabulary lacks): the
+    model sees a placeholder there, and a query of nothing else embeds like a blank one."""
     unk = s.tokenizer.unk_token_id
     enc = s.tokenizer(text, truncation=True, max_length=s.cfg.max_length, return_offsets_mapping=s.tokenizer.is_fast)
     words = [i for i in enc["input_ids"] if i not in s.tokenizer.all_special_ids or i == unk]
@@ -271,7 +271,8 @@ def unknown_words(s: Searcher, text: str) -> None:
     if words and all(i == unk for i in words):
         print(f"warning: the model's vocabulary knows none of the words in {text!r}, so these results say little")
     elif unknown:
-        print(f"warning: the model's vocabulary lacks {', '.join(map(repr, unknown))}: the search ignores "
+        print(f"warning: the model's vocabulary lacks {', '.join(map(repr, unknown))}: "
+              f"{'it reads' if len(unknown) == 1 else 'they read'} as [UNK], which says nothing of "
               f"{'it' if len(unknown) == 1 else 'them'}")
 
 

@@ -279,7 +279,7 @@ def test_small_folders_links_and_unknown_words(run, shapes_dir, tmp_path, capsys
     search.main(base + ["--text", "\U0001F534\U0001F53A"])  # emoji: [UNK] [UNK] to this tokenizer
     assert "vocabulary knows none of the words" in capsys.readouterr().out
     search.main(base + ["--text", "a red circle \U0001F534"])  # one unknown word among known ones
-    assert "vocabulary lacks '\U0001F534': the search ignores it" in capsys.readouterr().out
+    assert "vocabulary lacks '\U0001F534': it reads as [UNK]" in capsys.readouterr().out
 
 
 def test_evaluation_of_a_run_from_before_split_records_checks_the_split_of_its_time(run, shapes_dir, tmp_path,
