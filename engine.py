@@ -119,9 +119,12 @@ def backward_grad_cache(model, raw: CLIPModel, images, text: dict, chunks: int, 
         with rng, (model.no_sync() if not sync else contextlib.nullcontext()):
             with autocast(device, dtype):
                 img, txt, scale = model(x, *t)
-            # the scale enters with a zero gradient so that DDP sees every parameter used (its real gradient
+            # a learned scale enters with a zero gradient so that DDP sees every parameter used (its real gradient
             # was accumulated in step 2 and is averaged across ranks with the rest at the last micro-batch)
-            torch.autograd.backward([img, txt, scale], [image_grads[i], text_grads[i], torch.zeros_like(scale)])
+            outputs, grads = [img, txt], [image_grads[i], text_grads[i]]
+            if scale.requires_grad:  # not with --no-learn-temperature
+                outputs, grads = outputs + [scale], grads + [torch.zeros_like(scale)]
+            torch.autograd.backward(outputs, grads)
     return loss.detach()
 
 

@@ -49,8 +49,9 @@ def gradients(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def one_process(mode):
+def one_process(mode, learn_temperature=True):
     model = tiny_model()
+    model.logit_scale.requires_grad_(learn_temperature)
     images, ids, mask = batch()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     if mode == "cache":
@@ -118,6 +119,14 @@ def test_gradient_caching_in_one_process_matches_one_big_batch():
     assert cached_loss == pytest.approx(loss, rel=1e-6)
     assert_same_gradients(grads, cached)
     assert "logit_scale" in cached  # the temperature learns under gradient caching too
+
+
+def test_gradient_caching_with_a_fixed_temperature_matches_one_big_batch():
+    loss, grads = one_process("full", learn_temperature=False)
+    cached_loss, cached = one_process("cache", learn_temperature=False)  # --no-learn-temperature --accum-steps 4
+    assert cached_loss == pytest.approx(loss, rel=1e-6)
+    assert_same_gradients(grads, cached)
+    assert "logit_scale" not in cached
 
 
 def test_gradient_caching_in_training_mode_is_exact_with_frozen_batch_norm_statistics():
