@@ -179,6 +179,9 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
     state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "loss_sum": 0.0, "loss_count": 0}
     if cfg.resume:
         state = load_training_state(run_dir / "last", raw, optimizer, scaler, d.rank)
+        if state["epoch"] >= cfg.epochs:
+            raise ValueError(f"--resume: {run_dir} has trained {state['epoch']} epochs, and --epochs is {cfg.epochs}: "
+                             f"to train on, give more, e.g. --epochs {state['epoch'] + cfg.epochs}")
         if state["batch"] > len(batches):
             raise ValueError(f"--resume: {run_dir}/last was saved after batch {state['batch']} of an epoch, which now "
                              f"has {len(batches)}: the training set changed; resume with the data it started with")
@@ -234,7 +237,10 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
 
     # --- loop ---
     global_batch = cfg.batch_size * d.world
-    last_metrics, lr_scale = {}, lr_factor(state["step"], total_steps, warmup, cfg.min_lr_frac)
+    # The schedule is read off the epoch and batch, not the saved step count: a run resumed with other steps per
+    # epoch (another --batch-size or number of processes) goes on from the same point of its epochs.
+    last_metrics, lr_scale = {}, lr_factor(state["epoch"] * steps_per_epoch + state["batch"], total_steps, warmup,
+                                           cfg.min_lr_frac)
     # one loader (and one set of worker processes) for the rest of the run; it reads ahead across epoch ends
     loader = iter(batch_loader(batches, batches.run_indices(cfg.epochs, state["epoch"], state["batch"]),
                                cfg.num_workers, device.type == "cuda"))
@@ -269,7 +275,7 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         for batch in bar:
             images = pixels(batch["pixels"], batch["boxes"], device)
             text = {k: batch[k].to(device, non_blocking=True) for k in TEXT_KEYS if k in batch}
-            lr_scale = lr_factor(state["step"], total_steps, warmup, cfg.min_lr_frac)
+            lr_scale = lr_factor(epoch * steps_per_epoch + state["batch"], total_steps, warmup, cfg.min_lr_frac)
             loss = train_step(model, raw, optimizer, scaler, images, text, cfg, d, device, dtype, lr_scale)
             window += global_mean(loss, d)
             window_steps += 1

@@ -19,7 +19,7 @@ import modules
 import train
 from clip import clip_loss
 from conftest import TINY
-from engine import make_optimizer, param_groups
+from engine import lr_factor, make_optimizer, param_groups
 from utils import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,6 +183,21 @@ def test_resume_forgets_metrics_logged_after_its_checkpoint(tmp_path):
     metrics.write_text("".join(json.dumps({"epoch": e, "train_loss": 5.0 - e}) + "\n" for e in (1, 2)))
     train.drop_rows_after(metrics, 1)
     assert read_jsonl(metrics) == [{"epoch": 1, "train_loss": 4.0}]
+
+
+def test_a_run_resumed_with_other_steps_per_epoch_goes_on_from_the_same_point_of_its_schedule(tiny_shapes_dir,
+                                                                                                  tmp_path):
+    run = tmp_path / "run"
+    args = TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--warmup-frac", "0"]
+    train.main(args + ["--epochs", "1", "--batch-size", "16"])  # 180 training images: 12 steps
+    with pytest.raises(SystemExit, match=r"has trained 1 epochs, and --epochs is 1: .* e\.g\. --epochs 2"):
+        train.main(["--run-dir", str(run), "--resume"])  # nothing left to train: said, not silently skipped
+    train.main(["--run-dir", str(run), "--resume", "--epochs", "2", "--batch-size", "64"])  # 3 steps per epoch now
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [12, 15]
+    # epoch 2 runs the second half of a 6-step cosine (its last step at 5/6), not past the end of it at 0
+    assert rows[1]["lr_scale"] == pytest.approx(lr_factor(5, 6, 0))
+    assert rows[1]["lr_scale"] > 0.05
 
 
 def test_resume_validates_the_flags_together_with_the_saved_config(tmp_path):
