@@ -293,6 +293,30 @@ def _drop_last_params(saved: dict, optimizer, counts: dict) -> None:
             group["params"] = group["params"][:-n]
 
 
+def _match_groups(saved: dict, optimizer) -> list[str]:
+    """Lay a saved optimiser state over this run's parameter groups by name, for a run resumed with a tower frozen
+    or unfrozen (--no-image-trainable, --no-text-trainable, --no-learn-temperature): a group no longer trained is
+    left behind, a newly trained one starts with fresh moments. Returns what changed, in words."""
+    names = [g["name"] for g in optimizer.param_groups]
+    if [g["name"] for g in saved["param_groups"]] == names:
+        return []
+    old = {g["name"]: g for g in saved["param_groups"]}
+    state, groups, first = {}, [], 0
+    for own in optimizer.param_groups:
+        ids = list(range(first, first + len(own["params"])))
+        first += len(ids)
+        before = old.get(own["name"])
+        if before is not None and len(before["params"]) != len(ids):
+            raise ValueError(f"--resume: the {own['name']} group has {len(ids)} parameters, the checkpoint's "
+                             f"{len(before['params'])}: the model changed since it was saved")
+        if before is not None:
+            state.update({i: saved["state"][j] for i, j in zip(ids, before["params"]) if j in saved["state"]})
+        groups.append({**(before or {k: v for k, v in own.items() if k != "params"}), "params": ids})
+    saved["state"], saved["param_groups"] = state, groups
+    return ([f"{n} no longer trains" for n in old if n not in names]
+            + [f"{n} starts training with fresh optimiser moments" for n in names if n not in old])
+
+
 def load_training_state(path, model, optimizer, scaler, rank: int) -> dict:
     """Restore weights, optimiser, grad scaler and this rank's RNGs from a checkpoint; return its progress state."""
     folder = resolve(path)
@@ -303,6 +327,9 @@ def load_training_state(path, model, optimizer, scaler, rank: int) -> dict:
     if dropped:  # the pooler's weight and bias came last in the text tower's two groups (engine.param_groups)
         _drop_last_params(saved, optimizer, {"text": sum(t.ndim > 1 for t in dropped.values()),
                                              "text_no_decay": sum(t.ndim <= 1 for t in dropped.values())})
+    changed = _match_groups(saved, optimizer)
+    if changed and rank == 0:
+        print(f"note: resuming with other parts in training than {folder} had: {'; '.join(changed)}")
     # The checkpoint brings the moments; this run's flags and device bring the settings: learning rates and weight
     # decay as resolved from the command line, and the kernel (fused on CUDA, foreach elsewhere).
     for group, own in zip(saved["param_groups"], optimizer.param_groups):

@@ -176,6 +176,24 @@ def test_at_an_epochs_end_a_run_resumes_with_more_processes_whose_new_ranks_keep
     assert not torch.equal(torch.get_rng_state(), fresh)  # rank 0 gets the saved state
 
 
+def test_a_run_resumes_with_a_tower_frozen_keeping_the_moments_of_what_still_trains(tiny_run, capsys):
+    run, _ = tiny_run
+    model, cfg, _ = checkpoint.load_model(run / "last")
+    full = make_optimizer(model, cfg, torch.device("cpu"))
+    checkpoint.load_training_state(run / "last", model, full, None, rank=0)
+    moments = {p: full.state[p]["exp_avg"].clone() for p in model.text_projection.parameters()}
+    frozen_cfg = checkpoint.Config(**{**cfg.to_dict(), "image_trainable": False, "learn_temperature": False})
+    frozen, _, _ = checkpoint.load_model(run / "last")
+    frozen.image_encoder.requires_grad_(False)
+    frozen.logit_scale.requires_grad_(False)
+    optimizer = make_optimizer(frozen, frozen_cfg, torch.device("cpu"))
+    checkpoint.load_training_state(run / "last", frozen, optimizer, None, rank=0)  # a raw torch error before
+    assert "image no longer trains" in capsys.readouterr().out
+    for p, q in zip(model.text_projection.parameters(), frozen.text_projection.parameters()):
+        assert torch.equal(optimizer.state[q]["exp_avg"], moments[p])  # the head's moments came along
+    assert not any(p in optimizer.state for p in frozen.image_encoder.parameters())
+
+
 def test_resume_forgets_metrics_logged_after_its_checkpoint(tmp_path):
     """A run killed while its epoch-2 checkpoint was being written has logged epoch 2; resuming from epoch 1's
     checkpoint runs epoch 2 again, and logs it once."""
