@@ -35,6 +35,10 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(rank, world, local_rank, enabled=True)
 
 
+# torch 2.14 renamed all_gather_into_tensor (a FutureWarning from every rank); older releases have only that name
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward hands each rank the gradient of its own rows summed over ranks, since every rank's
     loss uses every rank's features (torch.distributed.nn's all_gather, which is deprecated)."""
@@ -42,7 +46,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
         out = x.new_empty((world * len(x), *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        _gather_into(out, x.contiguous())
         ctx.rows = slice(rank * len(x), (rank + 1) * len(x))
         return out
 

@@ -156,12 +156,15 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
         print(f"{len(train_split)} train / {len(val_split)} val / {len(data.splits['test'])} test images; "
               f"model {n_params / 1e6:.1f}M parameters on {device} ({str(dtype).split('.')[-1]}), "
               f"{d.world} process(es) x batch {cfg.batch_size}")
+        if cfg.batch_size * d.world > len(train_split):
+            print(f"note: the batch ({d.world} x {cfg.batch_size}) is larger than the {len(train_split)} training "
+                  f"images, so each epoch is one batch of {len(train_split)}")
 
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in raw.image_encoder.modules())
     if d.main and cfg.accum_steps > 1 and has_bn and cfg.image_trainable and not cfg.image_freeze_bn_stats:
         print(f"note: with --accum-steps {cfg.accum_steps}, the image tower's batch norms normalise micro-batches of "
               f"{cfg.batch_size // cfg.accum_steps}, so gradients are close to, not equal to, one batch of "
-              f"{cfg.batch_size}'s (--image-freeze-bn-stats makes them equal)")
+              f"{cfg.batch_size}'s" + (" (--image-freeze-bn-stats makes them equal)" if cfg.image_pretrained else ""))
 
     # --- optimiser and state ---
     optimizer = make_optimizer(raw, cfg, device)
