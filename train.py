@@ -240,10 +240,13 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
 
     # --- loop ---
     global_batch = cfg.batch_size * d.world
-    # The schedule is read off the epoch and batch, not the saved step count: a run resumed with other steps per
-    # epoch (another --batch-size or number of processes) goes on from the same point of its epochs.
-    last_metrics, lr_scale = {}, lr_factor(state["epoch"] * steps_per_epoch + state["batch"], total_steps, warmup,
-                                           cfg.min_lr_frac)
+
+    def lr_at(epoch: int, batch: int) -> float:
+        """The schedule is read off the epoch and batch, not the saved step count: a run resumed with other steps per
+        epoch (another --batch-size or number of processes) goes on from the same point of its epochs."""
+        return lr_factor(epoch * steps_per_epoch + batch, total_steps, warmup, cfg.min_lr_frac)
+
+    last_metrics, lr_scale = {}, lr_at(state["epoch"], state["batch"])
     # one loader (and one set of worker processes) for the rest of the run; it reads ahead across epoch ends
     loader = iter(batch_loader(batches, batches.run_indices(cfg.epochs, state["epoch"], state["batch"]),
                                cfg.num_workers, device.type == "cuda"))
@@ -278,7 +281,7 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         for batch in bar:
             images = pixels(batch["pixels"], batch["boxes"], device)
             text = {k: batch[k].to(device, non_blocking=True) for k in TEXT_KEYS if k in batch}
-            lr_scale = lr_factor(epoch * steps_per_epoch + state["batch"], total_steps, warmup, cfg.min_lr_frac)
+            lr_scale = lr_at(epoch, state["batch"])
             loss = train_step(model, raw, optimizer, scaler, images, text, cfg, d, device, dtype, lr_scale)
             window += global_mean(loss, d)
             window_steps += 1
