@@ -12,6 +12,7 @@ Architectures: DistilBERT and BERT (absolute positions). Others run padded (`pac
 """
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 MULTIPLE = 8  # packed lengths are rounded up to a multiple of 8, for tensor cores
@@ -51,54 +52,79 @@ def packed_forward(model):
     return None
 
 
-def _attend(q_lin, k_lin, v_lin, x, slots, shape, mask, heads: int, dropout: float, scale: float):
+class _Gather(torch.autograd.Function):
+    """x.index_select(0, index), whose backward is a gather too: grad.index_select(0, back) * keep.
+
+    index_select's own backward adds every row's gradient into place with atomic adds, slow in bf16 (the text
+    tower's costliest kernel after its matmuls on an H100). Between the packed and padded layouts each destination
+    row has at most one source whose gradient can be non-zero, so reading it back is exact: `back` names that row
+    and `keep` zeroes the rest. The other reads of a row carry exact zeros: padding that attention masks, queries
+    whose output is never read, spare packed slots."""
+
+    @staticmethod
+    def forward(ctx, x, index, back, keep):
+        ctx.save_for_backward(back, keep)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        back, keep = ctx.saved_tensors
+        return grad.index_select(0, back) * keep[:, None].to(grad.dtype), None, None, None
+
+
+def _attend(q_lin, k_lin, v_lin, x, layout, shape, mask, heads: int, dropout: float, scale: float):
     """Self-attention of packed tokens x (T, D) in the padded layout: (B * L, D), padding rows unused."""
     batch, length = shape
+    index, slots, real, filled = layout
 
     def padded_heads(t):  # (T, D) packed -> (B, heads, L, D / heads); padding rows hold a neighbour's values
-        return t.index_select(0, slots).view(batch, length, heads, -1).transpose(1, 2)
+        return _Gather.apply(t, slots, index, filled).view(batch, length, heads, -1).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(padded_heads(q_lin(x)), padded_heads(k_lin(x)), padded_heads(v_lin(x)),
                                          attn_mask=mask, dropout_p=dropout, scale=scale)  # (B, heads, L, D / heads)
-    return out.transpose(1, 2).reshape(batch * length, -1)  # (B * L, D)
+    return _Gather.apply(out.transpose(1, 2).reshape(batch * length, -1), index, slots, real)  # (T, D)
 
 
 def _layout(input_ids, attention_mask, index):
-    """Packed ids (T,), their positions (T,), for every padded position the packed slot it reads (B * L,): its own
-    token's, or for padding the slot of the token before it (padding's results are masked or never read), and the
-    attention mask (B, 1, 1, L) that SDPA takes."""
+    """Packed ids (T,), their positions (T,), the gather layout and the attention mask (B, 1, 1, L) that SDPA takes.
+
+    The layout: `index` (T,) the padded position of each packed token; `slots` (B * L,) for every padded position
+    the packed slot it reads: its own token's, or for padding the slot of the token before it (padding's results
+    are masked or never read); `real` (B * L,) which positions are tokens; `filled` (T,) which slots hold one."""
     ids = input_ids.flatten().index_select(0, index)
     positions = index % input_ids.shape[1]
-    slots = (attention_mask.flatten().cumsum(0) - 1).clamp_(min=0)
-    return ids, positions, slots, attention_mask[:, None, None, :].bool()
+    real = attention_mask.flatten().bool()
+    slots = (real.cumsum(0) - 1).clamp_(min=0)
+    filled = torch.arange(len(index), device=index.device) <= slots[-1]  # the last slot read is the last token's
+    return ids, positions, (index, slots, real, filled), attention_mask[:, None, None, :].bool()
 
 
 def _distilbert(model, input_ids, attention_mask, index):
     """DistilBERT (transformers' DistilBertModel), packed: (B, L) ids and mask, (T,) index -> (B, L, D) hidden
     states (padding positions hold a neighbour's)."""
-    ids, positions, slots, mask = _layout(input_ids, attention_mask, index)
+    ids, positions, layout, mask = _layout(input_ids, attention_mask, index)
     emb = model.embeddings
     x = emb.dropout(emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(positions)))  # (T, D)
     for layer in model.transformer.layer:
         att, ffn = layer.attention, layer.ffn
-        context = _attend(att.q_lin, att.k_lin, att.v_lin, x, slots, input_ids.shape, mask, att.n_heads,
-                          att.dropout.p if att.training else 0.0, att.scaling).index_select(0, index)  # (T, D)
+        context = _attend(att.q_lin, att.k_lin, att.v_lin, x, layout, input_ids.shape, mask, att.n_heads,
+                          att.dropout.p if att.training else 0.0, att.scaling)  # (T, D)
         x = layer.sa_layer_norm(att.out_lin(context) + x)
         x = layer.output_layer_norm(ffn.dropout(ffn.lin2(ffn.activation(ffn.lin1(x)))) + x)
-    return x.index_select(0, slots).view(*input_ids.shape, -1)
+    return x.index_select(0, layout[1]).view(*input_ids.shape, -1)
 
 
 def _bert(model, input_ids, attention_mask, index):
     """BERT (transformers' BertModel, absolute positions, token type 0), packed; as _distilbert."""
-    ids, positions, slots, mask = _layout(input_ids, attention_mask, index)
+    ids, positions, layout, mask = _layout(input_ids, attention_mask, index)
     emb = model.embeddings
     x = emb.word_embeddings(ids) + emb.token_type_embeddings.weight[0] + emb.position_embeddings(positions)
     x = emb.dropout(emb.LayerNorm(x))  # (T, D)
     for layer in model.encoder.layer:
         sa = layer.attention.self
-        context = _attend(sa.query, sa.key, sa.value, x, slots, input_ids.shape, mask, sa.num_attention_heads,
-                          sa.dropout.p if sa.training else 0.0, sa.scaling).index_select(0, index)  # (T, D)
+        context = _attend(sa.query, sa.key, sa.value, x, layout, input_ids.shape, mask, sa.num_attention_heads,
+                          sa.dropout.p if sa.training else 0.0, sa.scaling)  # (T, D)
         x = layer.attention.output(context, x)
         x = layer.output(layer.intermediate(x), x)
-    return x.index_select(0, slots).view(*input_ids.shape, -1)
+    return x.index_select(0, layout[1]).view(*input_ids.shape, -1)  # read as any model's output: exact backward
 
