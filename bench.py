@@ -5,6 +5,7 @@ ratios compare like with like.
     python bench.py --tiny              # toy sizes on the CPU in 1-2 minutes (the CI smoke test)
     python bench.py --json bench.json   # also write every number
     python bench.py --sweep             # also try variants of the compiled step (minutes each on a GPU)
+    python bench.py --sweep-only        # those variants alone
     python bench.py --profile prof/     # also where each of our steps spends its time (tables, Chrome traces)
 
 (a) the popular tutorial's step: fp32, batch 32, its soft-target loss, default AdamW settings, reading the loss back
@@ -332,15 +333,15 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
 # Variants of the compiled step worth measuring on each new card or torch release (python bench.py --sweep), at the
 # end-to-end section's batch and caption length:
 # (label, torch.compile mode, inductor settings, batch multiple, Config overrides).
-SWEEP = [  # the reference, then the likeliest gains; max-autotune last, as it can take many minutes to compile
+SWEEP = [  # the reference, then those not yet measured (BENCHMARKS.md); max-autotune last, as it compiles longest
     ("default mode", "default", {}, 1, {}),
-    ("CUDA graphs + 1x1 convolutions as matmuls + frozen batch-norm statistics", "reduce-overhead",
-     {"conv_1x1_as_mm": True}, 1, {"image_freeze_bn_stats": True}),  # the cheap ones together, then one by one
-    ("CUDA graphs (reduce-overhead)", "reduce-overhead", {}, 1, {}),
     ("frozen batch-norm statistics", "default", {}, 1, {"image_freeze_bn_stats": True}),
-    ("text padded (no packing)", "default", {}, 1, {"pack_text": False}),
     ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1, {}),
     ("1.5x batch", "default", {}, 1.5, {}),
+    ("text padded (no packing)", "default", {}, 1, {"pack_text": False}),
+    ("CUDA graphs + 1x1 convolutions as matmuls + frozen batch-norm statistics", "reduce-overhead",
+     {"conv_1x1_as_mm": True}, 1, {"image_freeze_bn_stats": True}),
+    ("CUDA graphs (reduce-overhead)", "reduce-overhead", {}, 1, {}),
     ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1, {}),
     ("max-autotune, no CUDA graphs", "max-autotune-no-cudagraphs", {}, 1, {}),
 ]
@@ -484,6 +485,8 @@ def main(argv=None) -> dict:
                    "after timing it: top kernels and a Chrome trace per step, in this folder")
     p.add_argument("--sweep", action="store_true", help="also time variants of the compiled step (CUDA graphs, "
                    "inductor settings, batch size), several minutes each on a GPU")
+    p.add_argument("--sweep-only", action="store_true", help="the sweep alone, its reference variant first (for a "
+                   "second, shorter call on a lent GPU)")
     args = p.parse_args(argv)
     sizes = TINY if args.tiny else FULL
     device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
@@ -495,7 +498,7 @@ def main(argv=None) -> dict:
     peak = matmul_peak(device)
     results["matmul_peak_tflops"] = peak / 1e12
     print(f"{card}: measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
-    folder = flickr_sized_shapes(sizes, Path(args.data_root))
+    folder = None if args.sweep_only else flickr_sized_shapes(sizes, Path(args.data_root))  # synthetic batches only
 
     S, B, T = sizes.batch, sizes.big_batch, sizes.tokens
     # the figures the targets are about first, so that a time limit costs the others (each compile takes a minute)
@@ -512,7 +515,9 @@ def main(argv=None) -> dict:
         ("checkpoint", lambda: [bench_checkpoint(sizes, device, dtype, Path(args.data_root))]),
         ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
     ]
-    if args.sweep:
+    if args.sweep_only:
+        sections = []
+    if args.sweep or args.sweep_only:
         for label, mode, knobs, factor, overrides in SWEEP:
             sections.append((f"sweep: {label}", functools.partial(
                 bench_ours, sizes, device, dtype, int(B * factor), T, True, mode, knobs, overrides, f", {label}",
@@ -543,7 +548,7 @@ def main(argv=None) -> dict:
                 baselines[tag] = r["samples_s"]
             r.update({f"vs_{k}": r["samples_s"] / v for k, v in baselines.items()})
             ratios = ", ".join(f"{r['samples_s'] / v:.2f}x {k}" for k, v in baselines.items())
-            print(f"({r['section']}) {r['name']}: {r['samples_s']:,.0f} samples/s ({ratios}), "
+            print(f"({r['section']}) {r['name']}: {r['samples_s']:,.0f} samples/s{f' ({ratios})' if ratios else ''}, "
                   f"{r['gflop_per_sample']:.1f} GFLOP/sample, MFU {100 * r['mfu']:.1f}%"
                   + (f", peak memory {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""), flush=True)
         if args.json:  # after every section: a run cut short keeps what it measured
