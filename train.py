@@ -162,9 +162,10 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
 
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in raw.image_encoder.modules())
     if d.main and cfg.accum_steps > 1 and has_bn and cfg.image_trainable and not cfg.image_freeze_bn_stats:
+        batch = min(cfg.batch_size, len(train_split) // d.world)  # a small training set caps it (the note above)
         print(f"note: with --accum-steps {cfg.accum_steps}, the image tower's batch norms normalise micro-batches of "
-              f"{cfg.batch_size // cfg.accum_steps}, so gradients are close to, not equal to, one batch of "
-              f"{cfg.batch_size}'s" + (" (--image-freeze-bn-stats makes them equal)" if cfg.image_pretrained else ""))
+              f"{batch // cfg.accum_steps}, so gradients are close to, not equal to, one batch of {batch}'s"
+              + (" (--image-freeze-bn-stats makes them equal)" if cfg.image_pretrained else ""))
 
     # --- optimiser and state ---
     optimizer = make_optimizer(raw, cfg, device)

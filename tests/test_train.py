@@ -145,3 +145,14 @@ def test_compiled_training_matches_eager_training(tiny_shapes_dir, tmp_path):
     assert eager_log["step"] == compiled_log["step"] == 4
     assert compiled_log["train_loss"] == pytest.approx(eager_log["train_loss"], rel=5e-3)
     assert compiled_log["val_loss"] == pytest.approx(eager_log["val_loss"], rel=1e-2)
+
+
+def test_the_notes_name_the_batch_a_small_training_set_allows(tiny_shapes_dir, tmp_path, capsys):
+    """--batch-size 256 over 180 training images: each epoch is one batch of 180, in micro-batches of 90."""
+    train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                       "--batch-size", "256", "--accum-steps", "2"])
+    printed = capsys.readouterr().out
+    n = int(printed.split(" train / ")[0].split()[-1])
+    assert f"each epoch is one batch of {n}\n" in printed
+    assert f"normalise micro-batches of {n // 2}, so gradients are close to, not equal to, one batch of {n}'s\n" \
+        in printed
