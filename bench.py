@@ -290,11 +290,18 @@ def profile(step, device, out: Path, steps: int = 3) -> str:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step()
         sync(device)
+        wall = (time.perf_counter() - start) / steps
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort, row_limit=25)
+    if device.type == "cuda":  # under 100%, the GPU waits for the host: fewer launches (CUDA graphs) or a bigger batch
+        busy = sum(a.self_device_time_total for a in averages) / 1e6 / steps
+        table = (f"per step: GPU busy {1e3 * busy:.1f} ms of {1e3 * wall:.1f} ms ({100 * busy / wall:.0f}%, "
+                 f"profiler included)\n") + table
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".txt").write_text(table)
     prof.export_chrome_trace(str(out.with_suffix(".json.gz")))  # gzipped: a GPU trace runs to megabytes
