@@ -345,6 +345,8 @@ SWEEP = [  # the reference, then those not yet measured (BENCHMARKS.md); max-aut
     ("frozen batch-norm statistics", "default", {}, 1, {"image_freeze_bn_stats": True}),
     ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1, {}),
     ("1.5x batch", "default", {}, 1.5, {}),
+    # the default --batch-size, where the host is part of the limit: compare (c)'s compiled row
+    ("CUDA graphs (reduce-overhead), half the batch", "reduce-overhead", {}, 0.5, {}),
     ("text padded (no packing)", "default", {}, 1, {"pack_text": False}),
     ("CUDA graphs + 1x1 convolutions as matmuls + frozen batch-norm statistics", "reduce-overhead",
      {"conv_1x1_as_mm": True}, 1, {"image_freeze_bn_stats": True}),
