@@ -538,6 +538,7 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         try:
             with cuda_backends(**(PYTORCH_DEFAULTS if tag == "tutorial" else TUNED)):
                 measured = fn()
@@ -545,6 +546,9 @@ def main(argv=None) -> dict:
             print(f"[{tag}] FAILED {type(e).__name__}: {e}", flush=True)
             results["rows"][tag] = {"error": f"{type(e).__name__}: {e}"}
             continue
+        finally:  # compiling included: what a time-limited run (a lent GPU) has to plan for
+            seconds = results.setdefault("section_seconds", {})[tag] = round(time.perf_counter() - start, 1)
+            print(f"[{tag}] {seconds:.0f} s", flush=True)
         for r in measured:
             results["rows"][r["name"]] = r
             if "samples_s" not in r:

@@ -23,7 +23,11 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
     assert 0 < rows["checkpoint"]["waited_seconds"] and rows["checkpoint"]["gb"] > 0
     eager = "ours, eager, batch 16, 16 tokens, synthetic"  # packed text does less work than padded, same batch
     assert rows[eager]["gflop_per_sample"] < rows[eager + ", text padded (no packing)"]["gflop_per_sample"]
-    assert json.loads((tmp_path / "b.json").read_text())["rows"].keys() == rows.keys()
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert written["rows"].keys() == rows.keys()
+    assert list(written["section_seconds"]) == ["tutorial", "open_clip", "eager", "eager_padded", "compile", "e2e",
+                                                "pipeline", "eval", "checkpoint", "e2e_eager"]
+    assert all(seconds > 0 for seconds in written["section_seconds"].values())
     tables = sorted((tmp_path / "profile").glob("*.txt"))
     assert [t.stem for t in tables] == ["ours-compiled-batch-16-16-tokens-synthetic",
                                         "ours-eager-batch-16-16-tokens-synthetic"]
