@@ -56,10 +56,10 @@ class _Gather(torch.autograd.Function):
     """x.index_select(0, index), whose backward is a gather too: grad.index_select(0, back) * keep.
 
     index_select's own backward adds the gradient of every row read back into place with atomic adds, slow in bf16
-    (on an H100 it took longer than the text tower's attention). Between the packed and padded
-    layouts, of all the reads of one row at most one can carry a non-zero gradient, so reading that one back is
-    exact: `back` names it, and `keep` zeroes the rows whose reads all carry zeros. Those are padding that attention
-    masks, queries whose output is never read, and spare packed slots."""
+    (on an H100 it took longer than the text tower's attention). Between the packed and padded layouts, of all the
+    reads of one row at most one can carry a non-zero gradient, so reading that one back is exact: `back` names it,
+    and `keep` zeroes the rows whose reads all carry zeros. Those are padding that attention masks, queries whose
+    output is never read, and spare packed slots."""
 
     @staticmethod
     def forward(ctx, x, index, back, keep):
