@@ -8,7 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
 from packing import packed_forward
 from utils import hub_error
@@ -84,12 +86,15 @@ def build_text_config(name: str, pretrained: bool, layers: int, width: int, head
         if value:
             setattr(config, key, value)  # attribute_map turns these into e.g. DistilBERT's n_layers, dim, n_heads
     if width:
-        for key in ("intermediate_size", "hidden_dim"):  # BERT-style / DistilBERT-style feed-forward width
+        # feed-forward width: BERT-style, DistilBERT-style, T5-style, BART-style
+        for key in ("intermediate_size", "hidden_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim"):
             if hasattr(config, key):
                 setattr(config, key, 4 * width)
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"--text-width {config.hidden_size} must be divisible by --text-heads "
                          f"{config.num_attention_heads}")
+    if hasattr(config, "d_kv"):  # T5's width per head, otherwise independent of the model's width
+        config.d_kv = config.hidden_size // config.num_attention_heads
     if len(getattr(config, "layer_types", None) or ()) not in (0, config.num_hidden_layers):
         # per-layer attention kinds (ModernBERT, Gemma): derived again for the new depth, as the config would
         config = type(config).from_dict({**config.to_dict(), "layer_types": None})
@@ -125,9 +130,19 @@ class TextEncoder(nn.Module):
                                  f" embeddings; use the model's own tokenizer (--tokenizer '')")
         else:
             self.model = _with_sdpa(AutoModel.from_config, config)
+        if getattr(self.model, "decoder", None) is not None:
+            # an encoder-decoder (T5, BART): its encoder alone is the tower. Checkpoints save the encoder's config,
+            # from which AutoModel builds the whole model again, so this holds on reload too.
+            encoder = self.model.get_encoder() if callable(getattr(self.model, "get_encoder", None)) else None
+            if encoder is not None and hasattr(encoder, "config"):
+                self.model = encoder
+        if getattr(self.model, "decoder", None) is not None:
+            raise ValueError(f"--text-model {name} is an encoder-decoder ({self.model.config.model_type}) whose "
+                             f"encoder cannot be taken alone; use an encoder such as bert-base-uncased or t5-base")
         if config is None:
             check_architecture(name, self.model.config, pooling)
-        self.causal = is_causal(self.model.config)  # keeps its causal attention (the 2-D mask in `_padded`)
+        # keeps its causal attention (the 2-D mask in `_padded`); an encoder-decoder's encoder sees every token
+        self.causal = is_causal(self.model.config) and not is_encoder_decoder(self.model.config)
         # PyTorch's fused attention (SDPA) where the architecture has it; its own attention code otherwise
         self.sdpa = self.model.config._attn_implementation == "sdpa"
         self.packed = packed_forward(self.model)  # the padding-free forward, or None (the architecture has none)
@@ -172,12 +187,14 @@ def is_causal(config) -> bool:
             and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
+def is_encoder_decoder(config) -> bool:
+    """T5, BART, ...: also as the config of the encoder alone, which T5 marks as neither decoder nor encoder-decoder."""
+    return config.is_encoder_decoder or config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
 def check_architecture(name: str, config, pooling: str) -> None:
     """Refuse text models this tower cannot pool sensibly."""
-    if config.is_encoder_decoder:
-        raise ValueError(f"--text-model {name} is an encoder-decoder ({config.model_type}); use an encoder such as "
-                         f"distilbert-base-uncased, bert-base-uncased or roberta-base")
-    if is_causal(config) and pooling == "cls":
+    if is_causal(config) and not is_encoder_decoder(config) and pooling == "cls":
         raise ValueError(f"--text-model {name} is a causal (decoder-only) model, whose first token sees no other, "
                          f"so --text-pooling cls would give every caption the same vector: use --text-pooling mean")
 

@@ -8,13 +8,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from checkpoint import load_weights
+from checkpoint import load_model, load_weights, save_checkpoint
 from clip import MAX_LOGIT_SCALE, CLIPModel, clip_loss
 from config import Config
 from conftest import tiny_config
 from distributed import Dist
 from modules import ImageEncoder, build_text_config
 from engine import make_optimizer, train_step
+from tokenizer import train_wordpiece
 
 
 def tiny_model(**overrides) -> tuple[CLIPModel, Config]:
@@ -108,7 +109,8 @@ def test_the_temperature_stops_at_the_cap_and_can_come_back_down():
     assert model.logit_scale.item() < MAX_LOGIT_SCALE - 0.5
 
 
-@pytest.mark.parametrize("text_model", ["distilbert", "bert", "roberta", "squeezebert", "albert", "modernbert"])
+@pytest.mark.parametrize("text_model", ["distilbert", "bert", "roberta", "squeezebert", "albert", "modernbert", "t5",
+                                        "bart"])
 def test_every_trainable_weight_gets_a_gradient_as_ddp_requires(text_model):
     """DDP stops at the second step when a trainable weight got no gradient, e.g. BERT's own pooler, which nothing
     uses. (SqueezeBERT and ALBERT call their pooler whatever it is, ALBERT takes tanh of its output: the stand-in
@@ -147,8 +149,6 @@ def test_a_model_that_asserts_its_input_size_is_named_with_the_size_it_was_made_
 def test_a_causal_text_model_keeps_its_causal_attention_and_needs_mean_pooling():
     with pytest.raises(ValueError, match="gpt2 is a causal .* use --text-pooling mean"):
         CLIPModel(tiny_config(text_model="gpt2"), 500)
-    with pytest.raises(ValueError, match="t5 is an encoder-decoder"):
-        CLIPModel(tiny_config(text_model="t5", text_pooling="mean"), 500)
     tower = CLIPModel(tiny_config(text_model="gpt2", text_pooling="mean"), 500).eval().text_encoder
     ids = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     later = ids.clone()
@@ -187,3 +187,29 @@ def test_a_random_text_tower_of_another_depth_rebuilds_from_its_saved_config(tex
     model = CLIPModel(tiny_config(text_model=text_model, text_pooling="mean"), 500, text_config=again)
     built = CLIPModel(tiny_config(text_model=text_model, text_pooling="mean"), 500, pad_id=0)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
+
+
+@pytest.mark.parametrize("text_model", ["t5", "bart"])
+def test_an_encoder_decoders_encoder_alone_is_the_text_tower_and_reloads_from_its_checkpoint(text_model, tmp_path):
+    """T5's or BART's encoder, without the decoder's weights; it sees every token (padding masked), and a checkpoint
+    (which holds the encoder's config) rebuilds the same tower with no download."""
+    cfg = tiny_config(text_model=text_model, text_pooling="mean")
+    model = CLIPModel(cfg, 500, pad_id=0).eval()
+    tower = model.text_encoder
+    assert not [n for n in model.state_dict() if "decoder" in n] and not tower.causal
+    ids = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    later = ids.clone()
+    later[:, 6:] = (later[:, 6:] + 1) % 500
+    padded = ids.clone()
+    padded[1, 8:] = 3
+    with torch.no_grad():
+        assert not torch.allclose(tower._padded(ids, mask)[:, :6], tower._padded(later, mask)[:, :6])  # sees later
+        assert torch.allclose(tower(ids, mask), tower(padded, mask), atol=1e-6)  # padding never counts
+        before = model.encode_text(ids, mask)
+    save_checkpoint(tmp_path, ["best"], model, cfg, train_wordpiece(["a red circle"] * 3, 100), {"step": 1}, {})
+    again, _, _ = load_model(tmp_path / "best")
+    assert type(again.text_encoder.model) is type(tower.model)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval().encode_text(ids, mask), before)
