@@ -141,8 +141,7 @@ class TextEncoder(nn.Module):
                              f"encoder cannot be taken alone; use an encoder such as bert-base-uncased or t5-base")
         if config is None:
             check_architecture(name, self.model.config, pooling)
-        # keeps its causal attention (the 2-D mask in `_padded`); an encoder-decoder's encoder sees every token
-        self.causal = is_causal(self.model.config) and not is_encoder_decoder(self.model.config)
+        self.causal = is_causal(self.model.config)  # keeps its causal attention (the 2-D mask in `_padded`)
         # PyTorch's fused attention (SDPA) where the architecture has it; its own attention code otherwise
         self.sdpa = self.model.config._attn_implementation == "sdpa"
         self.packed = packed_forward(self.model)  # the padding-free forward, or None (the architecture has none)
@@ -182,9 +181,10 @@ class NoPooler(nn.Module):
 
 
 def is_causal(config) -> bool:
-    """A decoder-only architecture (GPT-2, Llama, ...): each token sees only those before it."""
+    """A decoder-only architecture (GPT-2, Llama, ...): each token sees only those before it. (An encoder-decoder's
+    encoder, the tower here, sees every token.)"""
     return (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-            and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+            and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not is_encoder_decoder(config))
 
 
 def is_encoder_decoder(config) -> bool:
@@ -194,7 +194,7 @@ def is_encoder_decoder(config) -> bool:
 
 def check_architecture(name: str, config, pooling: str) -> None:
     """Refuse text models this tower cannot pool sensibly."""
-    if is_causal(config) and not is_encoder_decoder(config) and pooling == "cls":
+    if is_causal(config) and pooling == "cls":
         raise ValueError(f"--text-model {name} is a causal (decoder-only) model, whose first token sees no other, "
                          f"so --text-pooling cls would give every caption the same vector: use --text-pooling mean")
 
