@@ -55,7 +55,7 @@ from distributed import Dist
 from engine import make_optimizer, micro_texts, train_step
 from evaluate import evaluate
 from images import JpegSource, Pixels
-from modules import ProjectionHead
+from modules import ChannelPaddedConv2d, ImageEncoder, ProjectionHead, rgb_stem
 from packing import token_index
 from shapes import make_shapes
 from tokenizer import train_wordpiece
@@ -337,13 +337,43 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
     return [row("c", name, rate, flops, batch)]
 
 
+def bench_stem(sizes: Sizes, device, dtype, batch: int):
+    """The image tower's RGB stem alone (forward and weight gradient, channels_last, autocast; what cuDNN runs under
+    compile too) with its 3 input channels as they are and padded to 4 and 8: what --image-stem-channels saves."""
+    path, conv = rgb_stem(ImageEncoder(sizes.image_model, False, sizes.image_size).model)
+    conv = conv.to(device, memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, sizes.image_size, sizes.image_size, device=device
+                         ).contiguous(memory_format=torch.channels_last)
+    ms = {}
+    for channels in (3, 4, 8):
+        layer = ChannelPaddedConv2d(conv, channels) if channels > 3 else conv
+
+        def step():
+            with autocast(device, dtype):
+                out = layer(images)
+            out.backward(torch.ones_like(out))
+            layer.weight.grad = None
+
+        ms[channels] = 1e3 * batch / throughput(step, batch, sizes, device)
+    best = min(ms, key=ms.get)
+    times = ", ".join(f"{c} channels {t:.2f} ms" for c, t in ms.items())
+    return [{"section": "c", "name": "stem convolution", "ms_by_channels": ms, "best_channels": best,
+             "text": f"{path} {tuple(conv.weight.shape)}, batch {batch}, forward + weight gradient: {times}; "
+                     f"fastest: {best}" + (f" (--image-stem-channels {best})" if best > 3 else "")}]
+
+
 # Variants of the compiled step worth measuring on each new card or torch release (python bench.py --sweep), at the
 # end-to-end section's batch and caption length:
 # (label, torch.compile mode, inductor settings, batch multiple, Config overrides).
 SWEEP = [  # the reference, then those not yet measured (BENCHMARKS.md); max-autotune last, as it compiles longest
     ("default mode", "default", {}, 1, {}),
+    # both changes of kernels only (the same results): the candidates for new defaults
+    ("1x1 convolutions as matmuls + stem padded to 4 channels", "default", {"conv_1x1_as_mm": True}, 1,
+     {"image_stem_channels": 4}),
     ("frozen batch-norm statistics", "default", {}, 1, {"image_freeze_bn_stats": True}),
     ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1, {}),
+    ("stem padded to 4 channels", "default", {}, 1, {"image_stem_channels": 4}),
+    ("stem padded to 8 channels", "default", {}, 1, {"image_stem_channels": 8}),
     ("1.5x batch", "default", {}, 1.5, {}),
     # the default --batch-size, where the host is part of the limit: compare (c)'s compiled row
     ("CUDA graphs (reduce-overhead), half the batch", "reduce-overhead", {}, 0.5, {}),
@@ -522,10 +552,11 @@ def main(argv=None) -> dict:
         ("pipeline", lambda: [bench_pipeline(sizes, device, folder, cache, S) for cache in ("on", "off")]),
         ("eval", lambda: [bench_eval(sizes, device, dtype, folder)]),
         ("checkpoint", lambda: [bench_checkpoint(sizes, device, dtype, Path(args.data_root))]),
+        ("stem", lambda: bench_stem(sizes, device, dtype, B)),  # seconds: no compiling
         ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
     ]
     if args.sweep_only:
-        sections = []
+        sections = [s for s in sections if s[0] == "stem"]
     if args.sweep or args.sweep_only:
         for label, mode, knobs, factor, overrides in SWEEP:
             sections.append((f"sweep: {label}", functools.partial(

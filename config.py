@@ -35,6 +35,8 @@ class Config:
     image_freeze_bn_stats: bool = False  # keep a pretrained tower's batch-norm statistics (its scales still learn):
     #                                      steadier with small batches, lighter steps; open_clip's flag of that name
     image_size: int = 224  # training/eval resolution; 224 is what ImageNet-pretrained ResNets expect
+    image_stem_channels: int = 0  # >3 pads the first convolution's RGB input with zero channels to this many, for
+    #                               cuDNN's tensor-core kernels; the same results. 0 = off (bench.py --sweep measures)
     crop_scale_min: float = 0.9  # random-resized-crop keeps >= this share of the image; small, as captions name
     #                              positions and colours (so no flips or colour jitter either), as in open_clip
 
@@ -119,6 +121,9 @@ class Config:
         if self.num_workers > 4 * cpus:
             raise ValueError(f"--num-workers {self.num_workers} is far more than this machine's {cpus} CPUs; "
                              f"use at most {cpus}")
+        if self.image_stem_channels and not 3 < self.image_stem_channels <= 64:
+            raise ValueError(f"--image-stem-channels pads 3 input channels up to 4 or 8 (at most 64); got "
+                             f"{self.image_stem_channels}; 0 turns it off")
         if self.image_freeze_bn_stats and not self.image_pretrained:
             raise ValueError("--image-freeze-bn-stats keeps the batch-norm statistics of pretrained weights, and "
                              "--no-image-pretrained has none worth keeping; drop one of the two flags")

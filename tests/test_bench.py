@@ -21,12 +21,15 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
             assert r["vs_tutorial"] > 0 and (r["section"] == "a" or r["vs_open_clip"] > 0)
     assert {"input pipeline, cached squares", "input pipeline, decoding JPEGs", "evaluation", "checkpoint"} <= set(rows)
     assert 0 < rows["checkpoint"]["waited_seconds"] and rows["checkpoint"]["gb"] > 0
+    stem = rows["stem convolution"]  # the RGB stem timed as it is and padded (--image-stem-channels)
+    assert list(stem["ms_by_channels"]) == [3, 4, 8] and min(stem["ms_by_channels"].values()) > 0
+    assert stem["best_channels"] in (3, 4, 8)
     eager = "ours, eager, batch 16, 16 tokens, synthetic"  # packed text does less work than padded, same batch
     assert rows[eager]["gflop_per_sample"] < rows[eager + ", text padded (no packing)"]["gflop_per_sample"]
     written = json.loads((tmp_path / "b.json").read_text())
     assert written["rows"].keys() == rows.keys()
     assert list(written["section_seconds"]) == ["tutorial", "open_clip", "eager", "eager_padded", "compile", "e2e",
-                                                "pipeline", "eval", "checkpoint", "e2e_eager"]
+                                                "pipeline", "eval", "checkpoint", "stem", "e2e_eager"]
     assert all(seconds > 0 for seconds in written["section_seconds"].values())
     tables = sorted((tmp_path / "profile").glob("*.txt"))
     assert [t.stem for t in tables] == ["ours-compiled-batch-16-16-tokens-synthetic",
@@ -52,7 +55,7 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
     monkeypatch.setattr(bench, "our_model", lambda cfg, *args: built.append(cfg) or our_model(cfg, *args))
     monkeypatch.setattr(bench, "SWEEP", [("plain", "default", {}, 1, {}),
                                          ("1x1 as mm", "default", {"conv_1x1_as_mm": True}, 2, {"dropout": 0.0})])
-    results = bench.main(["--tiny", "--sweep-only", "--data-root", str(tmp_path / "data")])
+    results = bench.main(["--tiny", "--sweep-only", "--skip", "stem", "--data-root", str(tmp_path / "data")])
     assert not (tmp_path / "data").exists()  # the sweep alone draws no data set
     assert seen == [(bench.TINY.big_batch, False), (2 * bench.TINY.big_batch, True)]
     assert not torch._inductor.config.conv_1x1_as_mm  # restored afterwards
@@ -72,7 +75,7 @@ def test_each_contestant_runs_under_its_own_backend_settings(tmp_path, monkeypat
 
     monkeypatch.setattr(bench, "throughput", fake_throughput)
     before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,compile,e2e"
+    skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,stem,compile,e2e"
     bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
     assert seen == [(False, False), (True, True), (True, True)]  # tutorial, open_clip, ours
     assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,

@@ -213,3 +213,41 @@ def test_an_encoder_decoders_encoder_alone_is_the_text_tower_and_reloads_from_it
     assert type(again.text_encoder.model) is type(tower.model)
     with torch.no_grad():
         torch.testing.assert_close(again.eval().encode_text(ids, mask), before)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_a_padded_stem_gives_the_same_outputs_and_gradients_and_the_same_checkpoint_keys(name):
+    """Zero input channels times zero weights add nothing: --image-stem-channels changes kernels, not results."""
+    torch.manual_seed(0)
+    plain = ImageEncoder(name, pretrained=False, image_size=32).to(memory_format=torch.channels_last)
+    padded = ImageEncoder(name, pretrained=False, image_size=32, stem_channels=8)
+    padded.load_state_dict(plain.state_dict())  # the same keys and shapes: a checkpoint loads either way
+    padded = padded.to(memory_format=torch.channels_last)
+    stem = next(m for m in padded.modules() if type(m).__name__ == "ChannelPaddedConv2d")
+    assert stem.weight.shape[1] == 3 and stem.channels == 8
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    out_plain, out_padded = plain(images), padded(images)
+    torch.testing.assert_close(out_padded, out_plain, rtol=1e-5, atol=1e-5)
+    out_plain.square().sum().backward()
+    out_padded.square().sum().backward()
+    for (key, a), b in zip(plain.named_parameters(), padded.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_padded_stem_compiles_to_the_same_loss():
+    losses = []
+    for stem_channels in (0, 4):
+        model, cfg = tiny_model(image_stem_channels=stem_channels)
+        compiled = torch.compile(model)
+        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(5, 500, (8, 16), generator=torch.Generator().manual_seed(2))
+        losses.append(clip_loss(*compiled(images, ids, torch.ones_like(ids))))
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_a_stem_pad_needs_a_plain_rgb_convolution_and_more_than_3_channels():
+    with pytest.raises(ValueError, match="--image-stem-channels 4: --image-model tf_mobilenetv3_small_minimal_100 "
+                                         "has no plain convolution"):  # its stem is timm's Conv2dSame
+        ImageEncoder("tf_mobilenetv3_small_minimal_100", pretrained=False, image_size=32, stem_channels=4)
+    with pytest.raises(ValueError, match="--image-stem-channels pads 3 input channels up to 4 or 8"):
+        tiny_config(image_stem_channels=3).validate()
