@@ -29,7 +29,8 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
     written = json.loads((tmp_path / "b.json").read_text())
     assert written["rows"].keys() == rows.keys()
     assert list(written["section_seconds"]) == ["tutorial", "open_clip", "eager", "eager_padded", "compile", "e2e",
-                                                "pipeline", "eval", "checkpoint", "stem", "e2e_eager"]
+                                                "pipeline", "eval", "checkpoint", "stem",
+                                                "tutorial_strict_fp32", "e2e_eager"]
     assert all(seconds > 0 for seconds in written["section_seconds"].values())
     tables = sorted((tmp_path / "profile").glob("*.txt"))
     assert [t.stem for t in tables] == ["ours-compiled-batch-16-16-tokens-synthetic",
@@ -70,13 +71,15 @@ def test_each_contestant_runs_under_its_own_backend_settings(tmp_path, monkeypat
     seen = []
 
     def fake_throughput(step, samples, sizes, device):
-        seen.append((torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32))
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                     torch.backends.cudnn.allow_tf32))
         return 100.0
 
     monkeypatch.setattr(bench, "throughput", fake_throughput)
     before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,stem,compile,e2e"
     bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
-    assert seen == [(False, False), (True, True), (True, True)]  # tutorial, open_clip, ours
+    # tutorial, open_clip, ours, then the tutorial in strict fp32 (TF32 off for convolutions too)
+    assert seen == [(False, False, True), (True, True, True), (True, True, True), (False, False, False)]
     assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32) == before

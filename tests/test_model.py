@@ -235,14 +235,13 @@ def test_a_padded_stem_gives_the_same_outputs_and_gradients_and_the_same_checkpo
 
 
 def test_a_padded_stem_compiles_to_the_same_loss():
-    losses = []
-    for stem_channels in (0, 4):
-        model, cfg = tiny_model(image_stem_channels=stem_channels)
-        compiled = torch.compile(model)
-        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        ids = torch.randint(5, 500, (8, 16), generator=torch.Generator().manual_seed(2))
-        losses.append(clip_loss(*compiled(images, ids, torch.ones_like(ids))))
-    torch.testing.assert_close(losses[1], losses[0])
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(5, 500, (8, 16), generator=torch.Generator().manual_seed(2))
+    plain, _ = tiny_model()
+    padded, _ = tiny_model(image_stem_channels=4)  # the same seed: the same weights
+    plain.eval(), padded.eval()  # no dropout: compiled code draws its own random numbers
+    expected = clip_loss(*plain(images, ids, torch.ones_like(ids)))
+    torch.testing.assert_close(clip_loss(*torch.compile(padded)(images, ids, torch.ones_like(ids))), expected)
 
 
 def test_a_stem_pad_needs_a_plain_rgb_convolution_and_more_than_3_channels():
