@@ -155,7 +155,7 @@ def capture(model, cfg: Config, tokenizer, state: dict, provenance: dict, optimi
             info["rng"].append(rng_info)
             tensors.update({f"rng.{rank}.{k}": _host_copy(v) for k, v in rng_tensors.items()})
     return Snapshot(f"step-{state['step']:08d}", weights, tensors, json.loads(json.dumps(info)),
-                    model.text_encoder.model.config.to_dict(), tokenizer)
+                    model.text_encoder.config.to_dict(), tokenizer)
 
 
 def write(snapshot: Snapshot, run_dir, links) -> Path:

@@ -112,11 +112,25 @@ def build_text_config(name: str, pretrained: bool, layers: int, width: int, head
                             "no download)", e) from None
     if pretrained:
         return config
+    try:
+        return _resized(config, layers, width, heads, vocab_size, max_length, pad_id)
+    except (AttributeError, NotImplementedError, TypeError) as e:  # architectures whose configs nest or refuse these
+        raise ValueError(f"--text-model {name} cannot be built with random weights here ({type(e).__name__}: {e}); "
+                         f"use a pretrained model of it (a Hub name or folder, with --text-pretrained) or another "
+                         f"architecture") from None
+
+
+def _resized(config, layers: int, width: int, heads: int, vocab_size: int, max_length: int, pad_id: int | None):
+    """build_text_config's random-init part: the requested depth/width/heads, the tokenizer's vocabulary and ids."""
     if width and getattr(config, "embedding_size", None) == config.hidden_size:
         config.embedding_size = width  # architectures whose embeddings match their width (SqueezeBERT requires it)
     overrides = {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": heads}
     if heads and getattr(config, "num_key_value_heads", None):
         overrides["num_key_value_heads"] = heads  # grouped-query attention (Llama-style) keeps one key per head
+    if heads and getattr(config, "decoder_attention_heads", None):
+        overrides["decoder_attention_heads"] = heads  # BART-style: the decoder is built (then dropped) at this width
+    if width and getattr(config, "word_embed_proj_dim", None):
+        overrides["word_embed_proj_dim"] = width  # OPT projects its output to this width
     for key, value in overrides.items():
         if value:
             setattr(config, key, value)  # attribute_map turns these into e.g. DistilBERT's n_layers, dim, n_heads
@@ -128,6 +142,10 @@ def build_text_config(name: str, pretrained: bool, layers: int, width: int, head
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"--text-width {config.hidden_size} must be divisible by --text-heads "
                          f"{config.num_attention_heads}")
+    if is_encoder_decoder(config):  # only the encoder is kept (TextEncoder): the decoder it drops, as small as it goes
+        for key in ("decoder_layers", "num_decoder_layers"):
+            if getattr(config, key, None):
+                setattr(config, key, 1)
     if hasattr(config, "d_kv"):  # T5's width per head, otherwise independent of the model's width
         config.d_kv = config.hidden_size // config.num_attention_heads
     if len(getattr(config, "layer_types", None) or ()) not in (0, config.num_hidden_layers):
@@ -165,15 +183,15 @@ class TextEncoder(nn.Module):
                                  f" embeddings; use the model's own tokenizer (--tokenizer '')")
         else:
             self.model = _with_sdpa(AutoModel.from_config, config)
-        if getattr(self.model, "decoder", None) is not None:
-            # an encoder-decoder (T5, BART): its encoder alone is the tower. Checkpoints save the encoder's config,
-            # from which AutoModel builds the whole model again, so this holds on reload too.
-            encoder = self.model.get_encoder() if callable(getattr(self.model, "get_encoder", None)) else None
-            if encoder is not None and hasattr(encoder, "config"):
-                self.model = encoder
-        if getattr(self.model, "decoder", None) is not None:
-            raise ValueError(f"--text-model {name} is an encoder-decoder ({self.model.config.model_type}) whose "
-                             f"encoder cannot be taken alone; use an encoder such as bert-base-uncased or t5-base")
+        self.config = self.model.config  # the whole model's, an encoder-decoder's too: what checkpoints rebuild
+        if is_encoder_decoder(self.config) and getattr(self.model, "decoder", None) is not None:
+            # an encoder-decoder (T5, BART): its encoder alone is the tower, here and after a reload
+            get_encoder = getattr(self.model, "get_encoder", None)
+            encoder = get_encoder() if callable(get_encoder) else None
+            if encoder is None or not hasattr(encoder, "config") or getattr(encoder, "decoder", None) is not None:
+                raise ValueError(f"--text-model {name} is an encoder-decoder ({self.config.model_type}) whose "
+                                 f"encoder cannot be taken alone; use an encoder such as bert-base-uncased or t5-base")
+            self.model = encoder
         if config is None:
             check_architecture(name, self.model.config, pooling)
         self.causal = is_causal(self.model.config)  # keeps its causal attention (the 2-D mask in `_padded`)
@@ -185,7 +203,22 @@ class TextEncoder(nn.Module):
             # gradient, which stops DDP after the first step.
             self.model.pooler = NoPooler()
         self.pooling = pooling
-        self.out_dim = self.model.config.hidden_size
+        self.out_dim = self._width(name)
+
+    @torch.no_grad()
+    def _width(self, name: str) -> int:
+        """The width of the vectors it pools, from one tiny forward pass: not always the config's hidden_size (OPT
+        projects its output to word_embed_proj_dim). A tower that cannot run fails here, before any data work."""
+        was_training = self.model.training
+        # caption-like length (Funnel halves it block by block), within the positions the model has
+        ids = torch.zeros(1, min(16, getattr(self.model.config, "max_position_embeddings", None) or 16),
+                          dtype=torch.long)
+        try:
+            return self.eval()._padded(ids, torch.ones_like(ids)).shape[-1]
+        except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as e:
+            raise ValueError(f"--text-model {name} fails on a test caption ({type(e).__name__}: {e})") from None
+        finally:
+            self.train(was_training)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_index: torch.Tensor | None = None) -> torch.Tensor:

@@ -122,6 +122,55 @@ def test_every_trainable_weight_gets_a_gradient_as_ddp_requires(text_model):
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
+def tiny_hub_folder(kind: str, folder) -> str:
+    """A small pretrained-style folder (as `hf download` leaves one) of an architecture of unusual shape."""
+    from transformers import FunnelConfig, FunnelModel, OPTConfig, OPTModel, T5GemmaConfig, T5GemmaModel
+    from transformers.models.t5gemma.configuration_t5gemma import T5GemmaModuleConfig
+    torch.manual_seed(0)
+    if kind == "opt":  # a decoder-only model with a `decoder` attribute, output projected to word_embed_proj_dim
+        model = OPTModel(OPTConfig(hidden_size=64, word_embed_proj_dim=32, ffn_dim=128, num_hidden_layers=1,
+                                   num_attention_heads=2, vocab_size=500, max_position_embeddings=64))
+    elif kind == "funnel":  # an encoder whose second half is called its decoder
+        model = FunnelModel(FunnelConfig(d_model=64, n_head=2, d_head=32, d_inner=128, block_sizes=[1, 1],
+                                         num_decoder_layers=1, vocab_size=500))
+    else:  # an encoder-decoder whose encoder has a config class of its own
+        half = T5GemmaModuleConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, head_dim=32, vocab_size=500)
+        model = T5GemmaModel(T5GemmaConfig(encoder=half, decoder=half, vocab_size=500))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind, tower, width", [("opt", "OPTModel", 32), ("funnel", "FunnelModel", 64),
+                                                ("t5gemma", "T5GemmaEncoder", 64)])
+def test_towers_of_unusual_shape_pool_their_output_width_and_reload(kind, tower, width, tmp_path):
+    """OPT and Funnel have a `decoder` but are no encoder-decoders: they stay whole. OPT's output is narrower than
+    its hidden size. T5Gemma's encoder has a config AutoModel cannot build alone: the checkpoint keeps the whole's."""
+    cfg = tiny_config(text_model=tiny_hub_folder(kind, tmp_path / kind), text_pretrained=True, text_pooling="mean")
+    model = CLIPModel(cfg, 500).eval()
+    assert type(model.text_encoder.model).__name__ == tower and model.text_encoder.out_dim == width
+    ids = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.encode_text(ids, torch.ones_like(ids))
+    save_checkpoint(tmp_path / "run", ["best"], model, cfg, train_wordpiece(["a red circle"] * 3, 100), {"step": 1}, {})
+    again, _, _ = load_model(tmp_path / "run" / "best")
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval().encode_text(ids, torch.ones_like(ids)), before)
+
+
+def test_a_bart_tower_takes_the_requested_heads_and_its_dropped_decoder_is_one_layer():
+    config = build_text_config("bart", False, 2, 72, 4, 500, 16, 0)
+    assert (config.encoder_attention_heads, config.decoder_attention_heads, config.decoder_layers) == (4, 4, 1)
+    model = CLIPModel(tiny_config(text_model="bart", text_width=72, text_heads=4, text_pooling="mean"), 500)
+    assert model.text_encoder.out_dim == 72
+
+
+def test_an_architecture_whose_config_refuses_a_new_depth_says_so_naming_the_flag():
+    with pytest.raises(ValueError, match="--text-model prophetnet cannot be built with random weights here "
+                                         r"\(NotImplementedError: .*use a pretrained model of it"):
+        build_text_config("prophetnet", False, 2, 64, 2, 500, 16, 0)
+
+
 def test_a_checkpoint_saved_with_berts_pooler_still_loads(tmp_path):
     model = CLIPModel(tiny_config(text_model="bert"), 500)
     weights = {**model.state_dict(), "text_encoder.model.pooler.dense.weight": torch.zeros(64, 64)}
@@ -192,7 +241,7 @@ def test_a_random_text_tower_of_another_depth_rebuilds_from_its_saved_config(tex
 @pytest.mark.parametrize("text_model", ["t5", "bart"])
 def test_an_encoder_decoders_encoder_alone_is_the_text_tower_and_reloads_from_its_checkpoint(text_model, tmp_path):
     """T5's or BART's encoder, without the decoder's weights; it sees every token (padding masked), and a checkpoint
-    (which holds the encoder's config) rebuilds the same tower with no download."""
+    (which holds the whole model's config) rebuilds the same tower with no download."""
     cfg = tiny_config(text_model=text_model, text_pooling="mean")
     model = CLIPModel(cfg, 500, pad_id=0).eval()
     tower = model.text_encoder
