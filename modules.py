@@ -1,5 +1,6 @@
 """The towers: a timm image encoder, a Hugging Face text encoder, and the projection head on each."""
 
+import copy
 import difflib
 
 import timm
@@ -142,10 +143,6 @@ def _resized(config, layers: int, width: int, heads: int, vocab_size: int, max_l
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"--text-width {config.hidden_size} must be divisible by --text-heads "
                          f"{config.num_attention_heads}")
-    if is_encoder_decoder(config):  # only the encoder is kept (TextEncoder): the decoder it drops, as small as it goes
-        for key in ("decoder_layers", "num_decoder_layers"):
-            if getattr(config, key, None):
-                setattr(config, key, 1)
     if hasattr(config, "d_kv"):  # T5's width per head, otherwise independent of the model's width
         config.d_kv = config.hidden_size // config.num_attention_heads
     if len(getattr(config, "layer_types", None) or ()) not in (0, config.num_hidden_layers):
@@ -182,7 +179,7 @@ class TextEncoder(nn.Module):
                 raise ValueError(f"the tokenizer has {vocab_size} tokens but {name} only {self.model.config.vocab_size}"
                                  f" embeddings; use the model's own tokenizer (--tokenizer '')")
         else:
-            self.model = _with_sdpa(AutoModel.from_config, config)
+            self.model = _with_sdpa(AutoModel.from_config, _one_layer_decoder(config))
         self.config = self.model.config  # the whole model's, an encoder-decoder's too: what checkpoints rebuild
         if is_encoder_decoder(self.config) and getattr(self.model, "decoder", None) is not None:
             # an encoder-decoder (T5, BART): its encoder alone is the tower, here and after a reload
@@ -258,6 +255,18 @@ def is_causal(config) -> bool:
 def is_encoder_decoder(config) -> bool:
     """T5, BART, ...: also as the config of the encoder alone, which T5 marks as neither decoder nor encoder-decoder."""
     return config.is_encoder_decoder or config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
+def _one_layer_decoder(config):
+    """An encoder-decoder's config with a one-layer decoder, which TextEncoder builds only to drop; others as they
+    are. (Random weights only: a pretrained model's checkpoint must load whole.)"""
+    if not is_encoder_decoder(config):
+        return config
+    config = copy.deepcopy(config)
+    for key in ("decoder_layers", "num_decoder_layers"):  # BART-style, T5-style
+        if getattr(config, key, None):
+            setattr(config, key, 1)
+    return config
 
 
 def check_architecture(name: str, config, pooling: str) -> None:

@@ -158,11 +158,18 @@ def test_towers_of_unusual_shape_pool_their_output_width_and_reload(kind, tower,
         torch.testing.assert_close(again.eval().encode_text(ids, torch.ones_like(ids)), before)
 
 
-def test_a_bart_tower_takes_the_requested_heads_and_its_dropped_decoder_is_one_layer():
-    config = build_text_config("bart", False, 2, 72, 4, 500, 16, 0)
-    assert (config.encoder_attention_heads, config.decoder_attention_heads, config.decoder_layers) == (4, 4, 1)
-    model = CLIPModel(tiny_config(text_model="bart", text_width=72, text_heads=4, text_pooling="mean"), 500)
-    assert model.text_encoder.out_dim == 72
+@pytest.mark.parametrize("text_model, heads_key", [("bart", "decoder_attention_heads"), ("t5", "num_heads")])
+def test_an_encoder_decoders_dropped_decoder_is_built_with_one_layer_and_the_requested_heads(text_model, heads_key,
+                                                                                          tmp_path):
+    """BART's decoder used to keep 16 heads, which a width of 72 does not divide; T5's, the encoder's depth."""
+    cfg = tiny_config(text_model=text_model, text_width=72, text_heads=4, text_layers=3, text_pooling="mean")
+    model = CLIPModel(cfg, 500, pad_id=0)
+    config = model.text_encoder.config
+    assert getattr(config, heads_key) == 4 and model.text_encoder.out_dim == 72
+    assert (getattr(config, "decoder_layers", None) or config.num_decoder_layers) == 1
+    assert (getattr(config, "encoder_layers", None) or config.num_layers) == 3
+    save_checkpoint(tmp_path, ["best"], model, cfg, train_wordpiece(["a red circle"] * 3, 100), {"step": 1}, {})
+    assert load_model(tmp_path / "best")[0].text_encoder.config.to_dict() == config.to_dict()
 
 
 def test_an_architecture_whose_config_refuses_a_new_depth_says_so_naming_the_flag():
