@@ -12,7 +12,8 @@ from utils import autocast
 
 
 def lr_factor(step: int, total: int, warmup: int, min_frac: float = 0.0) -> float:
-    """Linear warmup from 0 over `warmup` steps, then cosine decay to `min_frac` at `total`: a pure function."""
+    """Linear warmup over `warmup` steps (1/warmup of the rate at the first, all of it at the last), then cosine
+    decay to `min_frac` at `total`: a pure function."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -137,6 +137,14 @@ def test_sampled_boxes_stay_inside_with_the_requested_area():
     assert 0.05 < (area == 1).float().mean() < 0.25  # where no draw fits, the whole square, as in torchvision
     same = sample_boxes(torch.Generator().manual_seed(1), 2000, 100, scale_min=0.9)
     assert torch.equal(boxes, same)
+    smaller = w < 100  # every position is drawn, the last one included
+    assert ((x0 == 0) & smaller).any() and ((x0 + w == 100) & smaller).any()
+
+
+def test_sampled_aspect_ratios_are_log_uniform_so_wide_and_tall_are_equally_likely():
+    _, _, w, h = sample_boxes(torch.Generator().manual_seed(2), 40000, 224, scale_min=0.08).unbind(1)
+    oblong = w != h  # ratio uniform in [3/4, 4/3] instead of its log would make 57% of them wide
+    assert abs(((w > h) & oblong).sum() / oblong.sum() - 0.5) < 0.02
 
 
 def build_after(barrier, paths, cache_dir):

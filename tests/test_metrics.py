@@ -1,8 +1,13 @@
-"""Recall@K on hand-built embeddings, including the any-of-five rule for image -> text."""
+"""Recall@K on hand-built embeddings, including the any-of-five rule for image -> text; the held-out loss."""
 
+import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 
-from evaluate import retrieval_metrics
+from clip import clip_loss
+from dataset import Split
+from evaluate import paired_loss, retrieval_metrics
 
 
 def one_hot(indices, dim):
@@ -58,3 +63,15 @@ def test_matches_a_naive_computation_and_chunking_changes_nothing():
         for chunk in (7, 4096):
             m = retrieval_metrics(images, captions, owner, chunk=chunk)
             assert abs(m[f"i2t_R@{k}"] - i2t) < 1e-4 and abs(m[f"t2i_R@{k}"] - t2i) < 1e-4
+
+
+def test_the_held_out_loss_pairs_each_image_with_its_jth_caption_in_turn():
+    """paired_loss: caption slot j pairs every image with its j-th caption; slots are averaged (by hand: two slots
+    of one batch each)."""
+    split = Split("val", [f"{i}.jpg" for i in range(4)], np.arange(4), [""] * 8, np.array([0, 2, 4, 6, 8]))
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    texts = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    by_hand = (clip_loss(images, texts[[0, 2, 4, 6]], scale) + clip_loss(images, texts[[1, 3, 5, 7]], scale)) / 2
+    assert paired_loss(images, texts, split, scale, 4) == pytest.approx(by_hand.item(), rel=1e-6)

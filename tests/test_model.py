@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
@@ -13,7 +14,7 @@ from clip import MAX_LOGIT_SCALE, CLIPModel, clip_loss
 from config import Config
 from conftest import tiny_config
 from distributed import Dist
-from modules import ImageEncoder, build_text_config
+from modules import ChannelPaddedConv2d, ImageEncoder, ProjectionHead, build_text_config
 from engine import make_optimizer, train_step
 from tokenizer import train_wordpiece
 
@@ -306,3 +307,25 @@ def test_a_stem_pad_needs_a_plain_rgb_convolution_and_more_than_3_channels():
         ImageEncoder("tf_mobilenetv3_small_minimal_100", pretrained=False, image_size=32, stem_channels=4)
     with pytest.raises(ValueError, match="--image-stem-channels pads 3 input channels up to 4 or 8"):
         tiny_config(image_stem_channels=3).validate()
+
+
+def test_the_projection_head_is_linear_gelu_linear_dropout_plus_residual_then_layernorm():
+    """The tutorial's head, checked against its definition in training mode (dropout drawn from the same seed)."""
+    head = ProjectionHead(8, 6, dropout=0.5).train()
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    got = head(x)
+    torch.manual_seed(1)
+    projected = head.proj(x)
+    expected = head.norm(F.dropout(head.fc(F.gelu(projected)), 0.5, training=True) + projected)
+    torch.testing.assert_close(got, expected)
+
+
+def test_the_padded_stems_convolution_sees_the_padded_channels(monkeypatch):
+    """Equal outputs alone would also pass a pad of another dimension (zero rows add nothing either), which leaves
+    cuDNN the 3-channel kernel: the convolution must be handed 4 channels."""
+    seen, conv2d = [], F.conv2d
+    monkeypatch.setattr(torch.nn.modules.conv.F, "conv2d",
+                        lambda x, w, *args: seen.append((x.shape, w.shape)) or conv2d(x, w, *args))
+    ChannelPaddedConv2d(torch.nn.Conv2d(3, 8, 3, padding=1), 4)(torch.randn(2, 3, 10, 10))
+    assert seen == [((2, 4, 10, 10), (8, 4, 3, 3))]
