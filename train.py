@@ -156,6 +156,9 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
         print(f"{len(train_split)} train / {len(val_split)} val / {len(data.splits['test'])} test images; "
               f"model {n_params / 1e6:.1f}M parameters on {device} ({str(dtype).split('.')[-1]}), "
               f"{d.world} process(es) x batch {cfg.batch_size}")
+        if cfg.text_pooling == "cls" and tokenizer.cls_token_id is None:  # T5's, for one
+            print("note: the tokenizer puts no [CLS] token first, so --text-pooling cls takes the first word's vector;"
+                  " --text-pooling mean is the usual choice here (open_clip's for T5)")
         if cfg.batch_size * d.world > len(train_split):
             print(f"note: the batch ({d.world} x {cfg.batch_size}) is larger than the {len(train_split)} training "
                   f"images, so each epoch is one batch of {len(train_split)}")

@@ -156,3 +156,23 @@ def test_the_notes_name_the_batch_a_small_training_set_allows(tiny_shapes_dir, t
     assert f"each epoch is one batch of {n}\n" in printed
     assert f"normalise micro-batches of {n // 2}, so gradients are close to, not equal to, one batch of {n}'s\n" \
         in printed
+
+
+def test_cls_pooling_with_a_tokenizer_that_puts_no_cls_first_gets_a_note(tiny_shapes_dir, tmp_path, capsys):
+    """As T5's tokenizer: the first position holds a word, so the note names --text-pooling mean."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for c in CaptionData(tiny_shapes_dir, verbose=False).splits["train"].captions
+                    for w in c.lower().replace(",", " ").replace(".", " ").split()})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(
+        tmp_path / "no-cls")
+    train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                       "--tokenizer", str(tmp_path / "no-cls"), "--text-pooling", "cls"])
+    assert "no [CLS] token first, so --text-pooling cls takes the first word's vector" in capsys.readouterr().out
+    train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run2"), "--epochs", "1",
+                       "--text-pooling", "cls"])  # the local WordPiece tokenizer starts with [CLS]
+    assert "no [CLS] token" not in capsys.readouterr().out
