@@ -8,8 +8,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from config import Config  # noqa: E402
 from shapes import make_shapes  # noqa: E402
@@ -48,3 +50,19 @@ def tiny_run(shapes_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "tiny"
     metrics = train.main(TINY + ["--data-dir", str(shapes_dir), "--run-dir", str(run), "--epochs", "6"])
     return run, metrics
+
+
+CAPTION_HEADER = "image_name| comment_number| comment\n"
+
+
+def captioned_folder(folder, rows: str, n: int = 30, extra_files=()):
+    """A data folder in Flickr30k's layout: n random 16x16 JPEGs 0.jpg.. (plus extra_files, (name, bytes)) and a
+    results.csv of `rows` under the header."""
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.jpg")
+    for name, data in extra_files:
+        (folder / "images" / name).write_bytes(data)
+    (folder / "results.csv").write_text(CAPTION_HEADER + rows)
+    return folder

@@ -17,6 +17,7 @@ import prepare as prepare_module
 from dataset import CaptionData, read_captions, split_names
 from images import build_cache, check_image, load_rgb
 from prepare import prepare
+from conftest import CAPTION_HEADER, captioned_folder
 from tokenizer import load_tokenizer
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
@@ -328,3 +329,28 @@ def test_local_tokenizer_trains_from_memory_when_the_data_folder_is_read_only(tm
     loaded = AutoTokenizer.from_pretrained(tmp_path / "checkpoint-tokenizer")
     assert len(kept) == len(loaded) and kept.pad_token_id == loaded.pad_token_id
     assert kept(captions + ["a purple hexagon"])["input_ids"] == loaded(captions + ["a purple hexagon"])["input_ids"]
+
+
+def test_a_caption_holding_a_pipe_keeps_it(tmp_path):
+    rows, _ = read_captions(captioned_folder(tmp_path, "0.jpg| 0| a sign that reads A|B .\n", n=1))
+    assert rows == [(2, "0.jpg", "a sign that reads A|B .")]
+
+
+def test_a_duplicate_row_with_capitals_is_reported(tmp_path):
+    rows, report = read_captions(captioned_folder(tmp_path, "0.jpg| 0| A Cat .\n0.jpg| 0| A Cat .\n", n=1))
+    assert len(rows) == 1 and report.duplicate_rows == [{"line": 3, "first_line": 2, "file": "results.csv"}]
+
+
+def test_an_undecodable_uncaptioned_file_is_bad_not_uncaptioned(tmp_path):
+    rows = "".join(f"{i}.jpg| 0| picture {i}\n" for i in range(30))
+    folder = captioned_folder(tmp_path, rows, extra_files=[("broken.jpg", b"not a jpeg")])
+    report = prepare_module.prepare(folder, workers=1)
+    assert report["bad_images"] == ["broken.jpg"] and report["images_without_captions"] == []
+
+
+def test_an_edited_caption_file_is_reported_again(tmp_path):
+    rows = "".join(f"{i}.jpg| 0| picture {i}\n" for i in range(30))
+    folder = captioned_folder(tmp_path, rows)
+    assert prepare_module.prepare(folder, workers=1)["captions"] == 30
+    (folder / "results.csv").write_text(CAPTION_HEADER + rows + "".join(f"{i}.jpg| 1| again {i}\n" for i in range(30)))
+    assert prepare_module.prepare(folder, workers=1)["captions"] == 60

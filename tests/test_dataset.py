@@ -4,11 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import download
-from dataset import (CaptionData, Split, epoch_plan, legacy_train_names, record_split, split_names, text_batch,
-                     trained_images)
+from conftest import captioned_folder
+from dataset import (CaptionData, Split, TrainBatches, epoch_plan, legacy_train_names, record_split, split_names,
+                     text_batch, trained_images)
 from tokenizer import load_tokenizer
 
 
@@ -251,3 +253,56 @@ def test_a_stray_nul_byte_does_not_make_a_caption_file_utf16(tmp_path):
     text = (folder / "results.csv").read_text().replace("picture 3 caption 0", "picture 3 caption\x00 0")
     (folder / "results.csv").write_text(text)
     assert len(CaptionData(folder, verbose=False).names) == 40
+
+
+def test_split_file_repeats_are_kept_once(tmp_path):
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a.jpg", "b.jpg", "a.jpg"], "val": ["c.jpg"],
+                                                      "test": ["d.jpg"]}))
+    assert split_names(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], tmp_path)["train"] == ["a.jpg", "b.jpg"]
+
+
+def test_captions_of_images_missing_on_disk_never_reach_a_split(tmp_path):
+    rows = "".join(f"{i}.jpg| 0| picture {i}\n" for i in range(30)) + "ghost.jpg| 0| a ghost\n"
+    data = CaptionData(captioned_folder(tmp_path, rows), verbose=False)
+    assert "ghost.jpg" not in data.names and "ghost.jpg" not in data.captions
+    assert all("ghost.jpg" not in s.images for s in data.splits.values())
+
+
+def test_tokenize_pads_every_split_to_max_length_so_fixed_length_batches_have_it(tmp_path):
+    rows = "".join(f"{i}.jpg| 0| a red circle number {i}\n" for i in range(30))
+    data = CaptionData(captioned_folder(tmp_path, rows), verbose=False)
+    tok = load_tokenizer("local", "distilbert", tmp_path, lambda: data.splits["train"].captions, 60)
+    data.tokenize(tok, 32)
+    for split in data.splits.values():
+        assert split.tokens.shape == (len(split.captions), 32)
+        batch = text_batch(split, np.arange(len(split.captions)), tok.pad_token_id, fixed_length=32)
+        assert batch["input_ids"].shape == (len(split.captions), 32)
+
+
+class BlankSource:
+    size = 16
+
+    def get(self, rows):
+        return np.zeros((len(rows), 16, 16, 3), dtype=np.uint8)
+
+
+def tokenized_split(n=50):
+    start = np.arange(0, 5 * n + 1, 5)
+    split = Split("train", [f"{i}.jpg" for i in range(n)], np.arange(n), ["c"] * (5 * n), start)
+    split.lengths = np.full(5 * n, 4, dtype=np.int32)
+    split.tokens = np.where(np.arange(8)[None, :] < 4, 7, 0).repeat(5 * n, 0).astype(np.int32)
+    return split
+
+
+def test_run_indices_resume_mid_epoch_and_run_whole_later_epochs():
+    batches = TrainBatches(tokenized_split(), BlankSource(), 8, 0, 0.9, seed=0)
+    n = len(batches)
+    assert n == 7  # 6 full batches and a last one of 2
+    assert batches.run_indices(3, 1, 2) == [(1, i) for i in range(2, n)] + [(2, i) for i in range(n)]
+    assert batches.run_indices(2) == [(e, i) for e in range(2) for i in range(n)]
+
+
+def test_crops_are_drawn_afresh_every_epoch():
+    batches = TrainBatches(tokenized_split(), BlankSource(), 8, 0, 0.5, seed=0)
+    assert torch.equal(batches[0, 0]["boxes"], batches[0, 0]["boxes"])  # deterministic given (seed, epoch, i)
+    assert not torch.equal(batches[0, 0]["boxes"], batches[1, 0]["boxes"])

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image
 
 import download
 import prepare
+import shapes
 import train
 from conftest import TINY
 from dataset import CaptionData
@@ -434,3 +436,21 @@ def test_a_failed_download_leaves_no_empty_folder_behind(tmp_path, kaggle_zip):
     with pytest.raises(SystemExit, match="no such file"):
         run(["--zip", str(tmp_path / "missing.zip"), "--out", str(existing)])
     assert existing.is_dir()  # a folder that was there before stays
+
+
+def test_the_folder_with_most_images_wins_over_a_shallower_one():
+    names = ["top/results.csv", "top/sample.jpg", "top/flickr30k_images/1.jpg", "top/flickr30k_images/2.jpg"]
+    caption, images, skipped = prepare.locate(names, prepare.DATASETS["flickr30k"], "x.zip")
+    assert images == ["top/flickr30k_images/1.jpg", "top/flickr30k_images/2.jpg"] and skipped == ["top"]
+
+
+def test_no_two_shapes_pictures_share_a_description(tmp_path, monkeypatch):
+    monkeypatch.setattr(shapes, "_draw_one", lambda job: None)  # captions only; drawing is not under test
+    out = shapes.make_shapes(tmp_path / "s", num_images=3000, width=16, height=16, seed=0)
+    lines = (out / "results.csv").read_text().splitlines()[1:]
+    assert len(lines) == 5 * 3000
+    scenes = set()
+    for line in lines[::5]:  # caption 0: every object with size, colour and position, and the background
+        body, background = re.fullmatch(r"\S+\| 0\| (.*) on an? (\w+) background", line).groups()
+        scenes.add((background, tuple(sorted(re.split(r", | and ", body)))))
+    assert len(scenes) == 3000

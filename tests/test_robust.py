@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import checkpoint
 import modules
 import train
-from clip import clip_loss
-from conftest import TINY
+from clip import CLIPModel, clip_loss
+from config import Config
+from conftest import TINY, tiny_config
 from engine import lr_factor, make_optimizer, param_groups
 from utils import read_jsonl
 
@@ -426,3 +427,70 @@ def test_a_bert_run_saved_with_its_pooler_resumes(tiny_shapes_dir, tmp_path, mon
     monkeypatch.undo()
     train.main(args + ["--epochs", "2", "--resume"])
     assert [row["epoch"] for row in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+def weights_file(tmp_path, change):
+    model = CLIPModel(tiny_config(), 120)
+    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    change(weights)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    return model, tmp_path / "model.safetensors"
+
+
+def test_a_weights_file_with_an_extra_tensor_is_refused_naming_it(tmp_path):
+    model, file = weights_file(tmp_path, lambda w: w.update({"image_encoder.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"1 not in the model \['image_encoder.extra.weight'\]"):
+        checkpoint.load_weights(model, file)
+
+
+def test_a_weights_file_missing_a_tensor_is_refused_naming_it(tmp_path):
+    model, file = weights_file(tmp_path, lambda w: w.pop("logit_scale"))
+    with pytest.raises(ValueError, match=r"1 weights missing from the file \['logit_scale'\]"):
+        checkpoint.load_weights(model, file)
+
+
+def test_submit_reports_the_previous_writes_failure(tiny_run, tmp_path):
+    run, _ = tiny_run
+    model, cfg, tokenizer = checkpoint.load_model(run / "best")
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the run directory should be")
+    writer = checkpoint.BackgroundWriter()
+    writer.submit(checkpoint.capture(model, cfg, tokenizer, {"step": 1}, {}), blocked, ["last"])
+    with pytest.raises(OSError):  # submit() first waits for the previous write, whose error surfaces here
+        writer.submit(checkpoint.capture(model, cfg, tokenizer, {"step": 2}, {}), tmp_path / "run", ["last"])
+    writer.wait()
+
+
+def fake_mid_epoch_checkpoint(tmp_path, processes=1, **saved):
+    (tmp_path / "last").mkdir(parents=True)
+    info = {"config": Config(**saved).to_dict(), "state": {"epoch": 0, "batch": 3}, "rng": [{}] * processes}
+    (tmp_path / "last" / "checkpoint.json").write_text(json.dumps(info))
+    return tmp_path
+
+
+def test_a_mid_epoch_resume_with_another_seed_is_refused(tmp_path):
+    run = fake_mid_epoch_checkpoint(tmp_path, seed=0)
+    train.check_mid_epoch_resume(run, Config(seed=0), world=1)
+    with pytest.raises(SystemExit, match=r"--seed 0 \(now 1\)"):
+        train.check_mid_epoch_resume(run, Config(seed=1), world=1)
+
+
+def test_a_mid_epoch_resume_with_fewer_processes_is_refused(tmp_path):
+    run = fake_mid_epoch_checkpoint(tmp_path, processes=2)
+    train.check_mid_epoch_resume(run, Config(), world=2)
+    with pytest.raises(SystemExit, match=r"2 processes \(now 1\)"):
+        train.check_mid_epoch_resume(run, Config(), world=1)
+
+
+def test_an_infinite_loss_stops_at_the_step_log_every_reads(shapes_dir, tmp_path, monkeypatch):
+    real_step, calls = train.train_step, []
+
+    def poisoned(*args, **kwargs):  # the 3rd step reports an infinite loss (the weights stay finite)
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float("inf") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match=r"the loss became inf by step 3 "):
+        train.main(TINY + ["--data-dir", str(shapes_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                           "--log-every", "1"])

@@ -305,3 +305,23 @@ def test_unavailable_devices_are_named(run, capsys):
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--checkpoint", str(run / "best"), "--device", device])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_query_differing_only_in_case_and_spaces_still_marks_its_image(searcher, index):
+    c = 57
+    exact = search_marks(searcher, index, index.captions[c])
+    loose = search_marks(searcher, index, "  " + index.captions[c].upper().replace(" ", "  ") + " ")
+    assert any(exact.values()) and loose == exact
+
+
+def search_marks(searcher, index, text):
+    import search
+    return {h.row: h.match for h in search.search_text(searcher, index, text, k=len(index.paths))}
+
+
+def test_an_image_named_through_a_link_marks_its_own_captions(searcher, index, tmp_path):
+    import search
+    link = tmp_path / "link.jpg"
+    link.symlink_to(index.paths[3])
+    hits = search.search_image(searcher, index, str(link), k=len(index.captions))
+    assert sum(h.match for h in hits) == int((index.caption_image == 3).sum()) == 5
