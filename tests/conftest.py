@@ -52,17 +52,17 @@ def tiny_run(shapes_dir, tmp_path_factory):
     return run, metrics
 
 
-CAPTION_HEADER = "image_name| comment_number| comment\n"
+HEADER = b"image_name| comment_number| comment\n"
 
 
-def captioned_folder(folder, rows: str, n: int = 30, extra_files=()):
-    """A data folder in Flickr30k's layout: n random 16x16 JPEGs 0.jpg.. (plus extra_files, (name, bytes)) and a
-    results.csv of `rows` under the header."""
+def caption_folder(tmp_path, name: str, content: bytes, images=()):
+    """A data folder in Flickr30k's layout: images/ with a small noise JPEG for each name in `images`, and the
+    caption file `name` holding `content`."""
+    folder = tmp_path / "data"
     (folder / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.jpg")
-    for name, data in extra_files:
-        (folder / "images" / name).write_bytes(data)
-    (folder / "results.csv").write_text(CAPTION_HEADER + rows)
+    for i, image in enumerate(images):
+        pixels = np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        (folder / "images" / image).parent.mkdir(parents=True, exist_ok=True)  # names may hold subfolders
+        Image.fromarray(pixels).save(folder / "images" / image, "JPEG")
+    (folder / name).write_bytes(content)
     return folder

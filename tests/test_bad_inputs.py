@@ -17,7 +17,7 @@ import prepare as prepare_module
 from dataset import CaptionData, read_captions, split_names
 from images import build_cache, check_image, load_rgb
 from prepare import prepare
-from conftest import CAPTION_HEADER, captioned_folder
+from conftest import HEADER, caption_folder
 from tokenizer import load_tokenizer
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
@@ -134,18 +134,6 @@ def test_the_report_counts_the_splits_training_uses_when_images_are_broken(tmp_p
 
 
 # --- caption rows ---
-
-def caption_folder(tmp_path, name: str, content: bytes, images=()):
-    folder = tmp_path / "data"
-    (folder / "images").mkdir(parents=True)
-    for image in images:
-        save(folder / "images" / image, noise(size=(8, 8)))
-    (folder / name).write_bytes(content)
-    return folder
-
-
-HEADER = b"image_name| comment_number| comment\n"
-
 
 def test_missing_delimiters_are_repaired(tmp_path):
     folder = caption_folder(tmp_path, "results.csv", HEADER + b"a.jpg| 0| A cat .\n"
@@ -332,25 +320,29 @@ def test_local_tokenizer_trains_from_memory_when_the_data_folder_is_read_only(tm
 
 
 def test_a_caption_holding_a_pipe_keeps_it(tmp_path):
-    rows, _ = read_captions(captioned_folder(tmp_path, "0.jpg| 0| a sign that reads A|B .\n", n=1))
+    rows, _ = read_captions(caption_folder(tmp_path, "results.csv", HEADER + b"0.jpg| 0| a sign that reads A|B .\n",
+                                            ["0.jpg"]))
     assert rows == [(2, "0.jpg", "a sign that reads A|B .")]
 
 
 def test_a_duplicate_row_with_capitals_is_reported(tmp_path):
-    rows, report = read_captions(captioned_folder(tmp_path, "0.jpg| 0| A Cat .\n0.jpg| 0| A Cat .\n", n=1))
+    twice = HEADER + b"0.jpg| 0| A Cat .\n0.jpg| 0| A Cat .\n"
+    rows, report = read_captions(caption_folder(tmp_path, "results.csv", twice, ["0.jpg"]))
     assert len(rows) == 1 and report.duplicate_rows == [{"line": 3, "first_line": 2, "file": "results.csv"}]
 
 
 def test_an_undecodable_uncaptioned_file_is_bad_not_uncaptioned(tmp_path):
     rows = "".join(f"{i}.jpg| 0| picture {i}\n" for i in range(30))
-    folder = captioned_folder(tmp_path, rows, extra_files=[("broken.jpg", b"not a jpeg")])
+    folder = caption_folder(tmp_path, "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)])
+    (folder / "images" / "broken.jpg").write_bytes(b"not a jpeg")
     report = prepare_module.prepare(folder, workers=1)
     assert report["bad_images"] == ["broken.jpg"] and report["images_without_captions"] == []
 
 
 def test_an_edited_caption_file_is_reported_again(tmp_path):
     rows = "".join(f"{i}.jpg| 0| picture {i}\n" for i in range(30))
-    folder = captioned_folder(tmp_path, rows)
+    folder = caption_folder(tmp_path, "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)])
     assert prepare_module.prepare(folder, workers=1)["captions"] == 30
-    (folder / "results.csv").write_text(CAPTION_HEADER + rows + "".join(f"{i}.jpg| 1| again {i}\n" for i in range(30)))
+    again = "".join(f"{i}.jpg| 1| again {i}\n" for i in range(30))
+    (folder / "results.csv").write_bytes(HEADER + (rows + again).encode())
     assert prepare_module.prepare(folder, workers=1)["captions"] == 60

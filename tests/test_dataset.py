@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import download
-from conftest import captioned_folder
+from conftest import HEADER, caption_folder
 from dataset import (CaptionData, Split, TrainBatches, epoch_plan, legacy_train_names, record_split, split_names,
                      text_batch, trained_images)
 from tokenizer import load_tokenizer
@@ -263,14 +263,16 @@ def test_split_file_repeats_are_kept_once(tmp_path):
 
 def test_captions_of_images_missing_on_disk_never_reach_a_split(tmp_path):
     rows = "".join(f"{i}.jpg| 0| picture {i}\n" for i in range(30)) + "ghost.jpg| 0| a ghost\n"
-    data = CaptionData(captioned_folder(tmp_path, rows), verbose=False)
+    data = CaptionData(caption_folder(tmp_path, "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)]),
+                       verbose=False)
     assert "ghost.jpg" not in data.names and "ghost.jpg" not in data.captions
     assert all("ghost.jpg" not in s.images for s in data.splits.values())
 
 
 def test_tokenize_pads_every_split_to_max_length_so_fixed_length_batches_have_it(tmp_path):
     rows = "".join(f"{i}.jpg| 0| a red circle number {i}\n" for i in range(30))
-    data = CaptionData(captioned_folder(tmp_path, rows), verbose=False)
+    data = CaptionData(caption_folder(tmp_path, "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)]),
+                       verbose=False)
     tok = load_tokenizer("local", "distilbert", tmp_path, lambda: data.splits["train"].captions, 60)
     data.tokenize(tok, 32)
     for split in data.splits.values():
