@@ -34,10 +34,6 @@ from utils import (HubError, append_jsonl, atomic_write, pick_device, pick_preci
                    seed_everything, write_json)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 def resolve_config(argv) -> Config:
     """Flags over the preset over the defaults; with --resume, flags over the run's saved config."""
     parser = build_parser(__doc__)
@@ -270,10 +266,11 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
                 return
             value = window.item() / window_steps
             if not math.isfinite(value):
-                raise NonFiniteLoss(
-                    f"the loss became {value} by step {state['step']} (epoch {epoch + 1}); stopped. Likely causes: "
-                    f"learning rates too high (--lr-image/--lr-text/--lr-head), fp16 overflow (try --precision bf16 "
-                    f"or fp32), or broken inputs. The last good checkpoint is {run_dir}/last")
+                raise SystemExit(  # one line, as for bad input: nothing to debug in a traceback
+                    f"train.py: error: the loss became {value} by step {state['step']} (epoch {epoch + 1}); "
+                    f"stopped. Likely causes: learning rates too high (--lr-image/--lr-text/--lr-head), fp16 "
+                    f"overflow (try --precision bf16 or fp32), or broken inputs. The last good checkpoint is "
+                    f"{run_dir}/last")
             state["loss_sum"] += value * window_steps
             state["loss_count"] += window_steps
             now = time.perf_counter()
