@@ -41,12 +41,35 @@ def test_every_field_is_a_flag_and_flags_beat_the_preset():
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--compile-mode", "reduce-overhead"], "only applies with --compile"),
     (["--no-image-pretrained", "--image-freeze-bn-stats"], "drop one of the two flags"),
+    (["--vocab-size", "0"], "--vocab-size must be positive"),
+    (["--grad-clip", "inf"], "--grad-clip must be a finite number >= 0, got inf"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--warmup-frac", "1"], "--warmup-frac must be in [0, 1)"),
+    (["--crop-scale-min", "0"], "--crop-scale-min must be in (0, 1]"),
 ])
 def test_bad_flags_fail_with_the_flag_named(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_the_closed_ends_of_each_range_are_accepted():
+    """--crop-scale-min 1 (no crop), a temperature of exactly 0.01 (the cap), no warm-up, decay to the full rate."""
+    cfg = parse_config(["--crop-scale-min", "1", "--init-temperature", "0.01", "--dropout", "0", "--warmup-frac", "0",
+                        "--min-lr-frac", "1", "--grad-clip", "0"])
+    assert (cfg.crop_scale_min, cfg.init_temperature, cfg.min_lr_frac) == (1.0, 0.01, 1.0)
+
+
+def test_a_config_built_in_code_or_loaded_is_validated_like_the_flags(monkeypatch):
+    """Config objects do not pass through argparse's choices (checkpoints, notebooks): validate() checks them too."""
+    for name, bad in [("text_pooling", "max"), ("precision", "fp8"), ("image_cache", "yes")]:
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be one of"):
+            config_from_dict({**Config().to_dict(), name: bad}).validate()
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    Config(num_workers=8).validate()  # up to four per CPU
+    with pytest.raises(ValueError, match="--num-workers 9 is far more than this machine's 2 CPUs"):
+        Config(num_workers=9).validate()
 
 
 def test_saved_config_round_trips_and_unknown_fields_are_refused():

@@ -182,3 +182,84 @@ def test_a_blank_environment_variable_counts_as_unset(monkeypatch):
     monkeypatch.setenv("KAGGLE_KEY", "   ")
     with pytest.raises(CredentialsError, match="KAGGLE_USERNAME is set, but KAGGLE_KEY is not"):
         resolve_credentials()
+
+
+def test_kaggle_json_in_the_xdg_config_folder_is_found(tmp_path, monkeypatch):
+    """kaggle 2.x also looks in ~/.config/kaggle, or $XDG_CONFIG_HOME/kaggle."""
+    path = kaggle_json(tmp_path / "home" / ".config" / "kaggle" / "kaggle.json", "from-xdg-default")
+    assert resolve_credentials().source == str(path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    path = kaggle_json(tmp_path / "xdg" / "kaggle" / "kaggle.json", "from-xdg")
+    assert resolve_credentials().username == "from-xdg"
+
+
+def test_kaggle_json_readable_by_the_group_is_pointed_out(tmp_path, capsys):
+    path = kaggle_json(tmp_path / "repo" / "kaggle.json", "alice")
+    path.chmod(0o640)
+    resolve_credentials()
+    assert f"chmod 600 {path}" in capsys.readouterr().out
+
+
+def test_spaces_around_the_values_of_kaggle_json_are_dropped(tmp_path):
+    path = tmp_path / "repo" / "kaggle.json"
+    path.write_text(json.dumps({"username": " alice\n", "key": f" {KEY}\n"}))
+    path.chmod(0o600)
+    creds = resolve_credentials()
+    assert (creds.username, creds.key) == ("alice", KEY)
+
+
+def test_pressing_enter_at_the_save_question_saves(tmp_path):
+    answers = iter(["alice", ""])  # [Y/n]: yes is the default
+    resolve_credentials(interactive=True, ask=lambda prompt: next(answers), ask_secret=lambda p: KEY)
+    assert json.loads((tmp_path / "home" / ".kaggle" / "kaggle.json").read_text())["username"] == "alice"
+
+
+@pytest.mark.parametrize("username, key", [("alice", "  "), ("", KEY)])
+def test_typed_credentials_need_both_halves(username, key):
+    answers = iter([username, "y"])
+    with pytest.raises(CredentialsError, match="username and key are both needed"):
+        resolve_credentials(interactive=True, ask=lambda prompt: next(answers), ask_secret=lambda p: key)
+
+
+def test_saving_over_a_readable_kaggle_json_leaves_it_0600(tmp_path):
+    """An existing file keeps its mode through open(O_CREAT), so the key must not land in a file others can read."""
+    path = tmp_path / "home" / ".kaggle" / "kaggle.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    path.chmod(0o644)
+    kaggle_auth.save_kaggle_json(path, "alice", KEY)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and json.loads(path.read_text())["key"] == KEY
+
+
+def test_typed_credentials_are_saved_where_kaggle_config_dir_points(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "config"))
+    answers = iter(["alice", "y"])
+    resolve_credentials(interactive=True, ask=lambda prompt: next(answers), ask_secret=lambda p: KEY)
+    assert json.loads((tmp_path / "config" / "kaggle.json").read_text())["username"] == "alice"
+    assert not (tmp_path / "home" / ".kaggle" / "kaggle.json").exists()
+
+
+def test_kaggle_api_token_may_name_a_file_holding_the_token(tmp_path, monkeypatch):
+    (tmp_path / "token.txt").write_text("token-in-a-file\n")
+    monkeypatch.setenv("KAGGLE_API_TOKEN", str(tmp_path / "token.txt"))
+    creds = resolve_credentials()
+    assert (creds.token, creds.source) == ("token-in-a-file", f"the API token in {tmp_path / 'token.txt'}")
+
+
+def test_an_empty_access_token_file_is_no_credentials(tmp_path):
+    (tmp_path / "home" / ".kaggle").mkdir(parents=True)
+    (tmp_path / "home" / ".kaggle" / "access_token").write_text("\n")
+    with pytest.raises(CredentialsError, match="no Kaggle credentials found"):
+        resolve_credentials()
+
+
+def test_a_network_failure_met_while_handling_another_error_is_still_the_network():
+    """requests and kaggle raise their own errors inside `except` blocks: the connection error is the context."""
+    try:
+        try:
+            raise requests.exceptions.ConnectionError("Max retries exceeded")
+        except requests.exceptions.ConnectionError:
+            raise ValueError("could not fetch the token's user")  # the first error is its context
+    except ValueError as e:
+        assert kaggle_auth.unreachable(e)
+    assert not kaggle_auth.unreachable(ValueError("401 Unauthorized"))

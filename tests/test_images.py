@@ -8,11 +8,12 @@ import time
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 from PIL import Image
 
-from images import (JpegSource, build_cache, crop_resize, fingerprint, full_boxes, load_rgb, reference_crop_resize,
-                    sample_boxes, square_transform, to_square)
+from images import (JpegSource, Pixels, build_cache, check_image, crop_resize, fingerprint, full_boxes, load_rgb,
+                    reference_crop_resize, sample_boxes, square_size, square_transform, to_square)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -208,3 +209,49 @@ def test_fingerprint_sees_two_files_swapped_by_renaming(tmp_path):
     os.rename(b, a)
     os.rename(tmp_path / "t.jpg", b)
     assert fingerprint([a, b]) != before
+
+
+def test_the_square_of_a_big_jpeg_comes_from_its_reduced_scale_decode(tmp_path):
+    """Cache and JPEG path decode a big JPEG at the smallest DCT scale that still covers the square (the 4-9x faster
+    decode), exactly, not the full-size decode."""
+    path = tmp_path / "big.jpg"
+    Image.open(photo(tmp_path / "small.png", 256, 192)).convert("RGB").resize((1024, 768)).save(path, quality=92)
+    square = to_square(path, 128)
+    assert np.array_equal(square, square_transform(128)(image=np.asarray(load_rgb(path, min_side=128)))["image"])
+    assert not np.array_equal(square, square_transform(128)(image=np.asarray(load_rgb(path)))["image"])
+
+
+@pytest.mark.parametrize("size", [(1, 40), (40, 1)])
+def test_an_image_one_pixel_thin_in_either_direction_is_too_small(tmp_path, size):
+    path = tmp_path / "thin.png"
+    Image.new("RGB", size, (200, 10, 10)).save(path)
+    assert check_image(path) == f"too small ({size[0]}x{size[1]})"
+    with pytest.raises(ValueError, match="too small"):
+        to_square(path, 16)
+
+
+def test_fingerprint_sees_a_file_rewritten_in_place_with_the_same_size(tmp_path):
+    path = photo(tmp_path / "a.jpg", 40, 30)
+    os.utime(path, ns=(10**18, 10**18))
+    before = fingerprint([path])
+    with open(path, "r+b") as f:  # same inode, same size, new bytes and a new time
+        f.seek(200)
+        f.write(b"\0" * 8)
+    os.utime(path, ns=(10**18 + 10**9, 10**18 + 10**9))
+    assert fingerprint([path]) != before
+
+
+@pytest.mark.parametrize("image_size, crop_pct", [(224, 0.875), (32, 0.875), (224, 0.9), (64, 0.95), (288, 1.0)])
+def test_the_cached_square_is_timms_eval_resize(image_size, crop_pct):
+    """S = the side timm's own eval transform resizes to before its centre crop."""
+    resize = timm.data.create_transform(image_size, crop_pct=crop_pct, is_training=False).transforms[0]
+    assert square_size(image_size, crop_pct) == resize.size
+
+
+def test_pixels_for_a_channels_last_model_come_in_that_memory_format():
+    squares = torch.randint(0, 256, (2, 36, 36, 3), dtype=torch.uint8)
+    boxes = full_boxes(2, 36)
+    plain = Pixels(32, 36, MEAN, STD)(squares, boxes, "cpu")
+    last = Pixels(32, 36, MEAN, STD, channels_last=True)(squares, boxes, "cpu")
+    assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+    torch.testing.assert_close(last, plain, rtol=0, atol=0)

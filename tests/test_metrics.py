@@ -75,3 +75,36 @@ def test_the_held_out_loss_pairs_each_image_with_its_jth_caption_in_turn():
     scale = torch.tensor(10.0)
     by_hand = (clip_loss(images, texts[[0, 2, 4, 6]], scale) + clip_loss(images, texts[[1, 3, 5, 7]], scale)) / 2
     assert paired_loss(images, texts, split, scale, 4) == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_mean_recall_averages_all_six_recalls():
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    captions = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    m = retrieval_metrics(images, captions, torch.tensor([0, 1, 1]), ks=(1, 2))
+    six = [m[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 2)]
+    assert len(set(six)) > 1  # the directions differ here, so leaving one out would show
+    assert m["mean_recall"] == pytest.approx(sum(six) / 4)
+
+
+def test_the_held_out_loss_covers_every_caption_of_images_with_uneven_counts():
+    """Images with 1, 3, 2 and 3 captions: slot 0 pairs all four, slot 1 the three with a second caption, slot 2
+    the two with a third; no caption of one image is ever paired with another image."""
+    split = Split("val", [f"{i}.jpg" for i in range(4)], np.arange(4), [""] * 9, np.array([0, 1, 4, 6, 9]))
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    texts = F.normalize(torch.randn(9, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    by_hand = (clip_loss(images, texts[[0, 1, 4, 6]], scale) + clip_loss(images[[1, 2, 3]], texts[[2, 5, 7]], scale)
+               + clip_loss(images[[1, 3]], texts[[3, 8]], scale)) / 3
+    assert paired_loss(images, texts, split, scale, 4) == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_a_batch_of_one_image_left_over_adds_no_loss():
+    """Five images in batches of two: the fifth alone has no negatives, and its zero loss must not dilute the mean."""
+    split = Split("val", [f"{i}.jpg" for i in range(5)], np.arange(5), [""] * 5, np.arange(6))
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    texts = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    by_hand = (clip_loss(images[:2], texts[:2], scale) + clip_loss(images[2:4], texts[2:4], scale)) / 2
+    assert paired_loss(images, texts, split, scale, 2) == pytest.approx(by_hand.item(), rel=1e-6)

@@ -329,3 +329,16 @@ def test_the_padded_stems_convolution_sees_the_padded_channels(monkeypatch):
                         lambda x, w, *args: seen.append((x.shape, w.shape)) or conv2d(x, w, *args))
     ChannelPaddedConv2d(torch.nn.Conv2d(3, 8, 3, padding=1), 4)(torch.randn(2, 3, 10, 10))
     assert seen == [((2, 4, 10, 10), (8, 4, 3, 3))]
+
+
+@pytest.mark.parametrize("text_model", ["pegasus", "marian"])
+def test_an_encoder_decoder_that_also_has_a_causal_lm_class_gives_a_tower_that_sees_every_token(text_model):
+    """Pegasus and Marian are listed among transformers' causal LMs (their decoder alone), but the tower is their
+    encoder: --text-pooling cls is allowed, and the first token's vector sees the tokens after it."""
+    tower = CLIPModel(tiny_config(text_model=text_model, text_pooling="cls"), 500, pad_id=0).eval().text_encoder
+    assert not tower.causal
+    ids = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    later = ids.clone()
+    later[:, 6:] = (later[:, 6:] + 1) % 500
+    with torch.no_grad():
+        assert not torch.allclose(tower(ids, torch.ones_like(ids)), tower(later, torch.ones_like(ids)))

@@ -298,6 +298,19 @@ def test_evaluation_of_a_run_from_before_split_records_checks_the_split_of_its_t
     assert "predates RUN/splits.json" in capsys.readouterr().err
 
 
+def test_a_run_from_before_split_records_is_not_checked_against_the_old_default_on_a_folder_with_a_split_file(
+        tiny_shapes_dir, tmp_path):
+    """The default split of its time applied only to folders without splits.json: with one, what such a run trained
+    on cannot be known (None), and no overlap is made up from the old shuffle."""
+    data_dir = copy_data(tiny_shapes_dir, tmp_path / "data")
+    splits = CaptionData(data_dir, verbose=False).splits
+    (data_dir / "splits.json").write_text(json.dumps({s: list(splits[s].images) for s in ("train", "val", "test")}))
+    checkpoint = tmp_path / "old-run" / "checkpoints" / "best"  # a run folder without RUN/splits.json
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "checkpoint.json").write_text(json.dumps({"config": {"data_dir": str(data_dir)}}))
+    assert evaluate.seen_in_training(checkpoint, CaptionData(data_dir, verbose=False), "test") is None
+
+
 def test_unavailable_devices_are_named(run, capsys):
     for device, message in [("mps", "Apple's MPS"), ("cuda", "no CUDA GPU")]:
         if getattr(torch.backends, device if device == "mps" else "cudnn").is_available():

@@ -10,9 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from tokenizer import SPECIAL, learn_vocab, train_wordpiece
+from tokenizer import SPECIAL, learn_vocab, load_tokenizer, train_wordpiece
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = ["a red circle on a grey background", "a big red circle and a small blue square",
@@ -107,3 +107,50 @@ def test_saved_tokenizer_reloads_and_encodes_the_same(tmp_path):
     assert again(texts)["input_ids"] == tok(texts)["input_ids"]
     assert again.get_vocab() == tok.get_vocab()
     assert (again.cls_token_id, again.sep_token_id, again.pad_token_id, again.unk_token_id) == (2, 3, 0, 1)
+
+
+def test_a_vocab_size_of_exactly_the_alphabet_is_enough():
+    """The error says "give at least that": the special tokens and characters alone, with no merge, are accepted."""
+    captions = ["low low low lower", "newest newest widest"]
+    alphabet = len(SPECIAL) + 18  # 10 plain characters and 8 that follow another (worked by hand above)
+    tok = train_wordpiece(captions, alphabet)
+    assert len(tok) == alphabet and not any(len(t.removeprefix("##")) > 1 for t in tok.get_vocab() if t not in SPECIAL)
+    with pytest.raises(ValueError, match=f"alone make {alphabet} tokens; give at least that"):
+        train_wordpiece(captions, alphabet - 1)
+
+
+CAPTIONS_A = ["a red circle on the left", "a blue square on the right"] * 3
+CAPTIONS_B = ["an orange hexagon at the top", "a purple star at the bottom"] * 3
+
+
+def test_a_saved_tokenizer_without_its_record_is_trained_again(tmp_path):
+    """tokenizer.json is written before trained_on.json: a run killed in between leaves a folder without the record,
+    which must be trained again rather than crash or be trusted."""
+    load_tokenizer("local", "distilbert", tmp_path, lambda: CAPTIONS_A, 80)
+    (tmp_path / "tokenizer" / "trained_on.json").unlink()
+    tok = load_tokenizer("local", "distilbert", tmp_path, lambda: CAPTIONS_A, 80)
+    assert tok.get_vocab() == train_wordpiece(CAPTIONS_A, 80).get_vocab()
+    assert (tmp_path / "tokenizer" / "trained_on.json").exists()
+
+
+def test_a_save_that_fails_part_way_never_leaves_an_older_record_vouching_for_the_new_files(tmp_path, monkeypatch):
+    """Retraining for other captions whose save fails after tokenizer.json is written: the next run with the first
+    captions must get their vocabulary, not the half-saved one's."""
+    load_tokenizer("local", "distilbert", tmp_path, lambda: CAPTIONS_A, 80)
+    save = PreTrainedTokenizerFast.save_pretrained
+
+    def save_then_fail(self, *args, **kwargs):  # the files are written, then e.g. the disk fills up
+        save(self, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", save_then_fail)
+    load_tokenizer("local", "distilbert", tmp_path, lambda: CAPTIONS_B, 80)
+    monkeypatch.undo()
+    again = load_tokenizer("local", "distilbert", tmp_path, lambda: CAPTIONS_A, 80)
+    assert again.get_vocab() == train_wordpiece(CAPTIONS_A, 80).get_vocab()
+
+
+def test_a_tokenizer_folder_without_tokenizer_files_names_the_way_out(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match=r"could not load the tokenizer(.|\n)*--tokenizer local"):
+        load_tokenizer(str(tmp_path / "empty"), "distilbert", tmp_path, lambda: [], 100)
