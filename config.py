@@ -120,7 +120,7 @@ class Config:
         cpus = os.cpu_count() or 1
         if self.num_workers > 4 * cpus:
             raise ValueError(f"--num-workers {self.num_workers} is far more than this machine's {cpus} CPUs; "
-                             f"use at most {cpus}")
+                             f"use at most {4 * cpus} (4 per CPU); about {cpus} is usually enough")
         if self.image_stem_channels and not 3 < self.image_stem_channels <= 64:
             raise ValueError(f"--image-stem-channels pads 3 input channels up to 4 or 8 (at most 64); got "
                              f"{self.image_stem_channels}; 0 turns it off")

@@ -94,7 +94,7 @@ def find_bad_images(paths: list[Path], workers: int) -> dict[str, str]:
         return {p.name: why for p, why in zip(paths, results, strict=True) if why}
     finally:
         if pool:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
 
 
 def fingerprint(paths) -> str:
@@ -186,13 +186,15 @@ def _decode_into(array: np.ndarray, paths: list[str], size: int, workers: int, d
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     results = pool.map(_square_or_none, jobs, chunksize=64) if pool else map(_square_or_none, jobs)
     failed = []
-    for i, img in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
-        if img is None:
-            failed.append(paths[i])
-        else:
-            array[i] = img
-    if pool:
-        pool.shutdown()
+    try:
+        for i, img in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
+            if img is None:
+                failed.append(paths[i])
+            else:
+                array[i] = img
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)  # interrupted (Ctrl-C, a full disk): the queued images are dropped
     return failed
 
 
