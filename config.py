@@ -181,7 +181,8 @@ def field_notes() -> dict[str, str]:
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one `--field-name` per Config field (defaults suppressed, so we know what was set)."""
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --epoch is a typo to report, not --epochs
     parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of overrides")
     notes = field_notes()
     for f in dataclasses.fields(Config):
@@ -205,8 +206,24 @@ def config_from_args(args: argparse.Namespace, validate: bool = True) -> Config:
     values = {**PRESETS.get(preset, {}), **{k: v for k, v in given.items() if k in fields}}
     cfg = Config(**values)
     if validate:
-        cfg.validate()
+        validate_with_preset(cfg, args)
     return cfg
+
+
+def validate_with_preset(cfg: Config, args: argparse.Namespace) -> None:
+    """cfg.validate(), whose messages also say which of the flags they name came from --preset, not from the
+    command line (`--preset shapes --image-freeze-bn-stats` clashes with the preset's --no-image-pretrained)."""
+    try:
+        cfg.validate()
+    except ValueError as e:
+        preset = getattr(args, "preset", None)
+        named = {m.replace("-", "_") for m in re.findall(r"--(?:no-)?([a-z][a-z0-9-]*)", str(e))}
+        from_preset = [k for k in PRESETS.get(preset, {}) if k in named and k not in vars(args)]
+        if not from_preset:
+            raise
+        shown = [f"--{'' if v else 'no-'}{flag(k)}" if isinstance(v, bool) else f"--{flag(k)} {v}"
+                 for k, v in ((k, PRESETS[preset][k]) for k in from_preset)]
+        raise ValueError(f"{e} (--preset {preset} set {', '.join(shown)}; a flag of your own overrides it)") from None
 
 
 def parse_config(argv=None, description: str = "") -> Config:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoint import (BackgroundWriter, capture, load_training_state, load_weights, read_info, read_tokenizer,
                         rng_state)
 from clip import CLIPModel
-from config import Config, build_parser, config_from_args, config_from_dict, flag, save_config
+from config import Config, build_parser, config_from_args, config_from_dict, flag, save_config, validate_with_preset
 from dataset import RUN_SPLITS, TEXT_KEYS, CaptionData, TrainBatches, batch_loader, record_split
 from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from engine import global_mean, lr_factor, make_optimizer, train_step
@@ -38,13 +38,17 @@ def resolve_config(argv) -> Config:
     """Flags over the preset over the defaults; with --resume, flags over the run's saved config."""
     parser = build_parser(__doc__)
     args = parser.parse_args(argv)
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        parser.error("--resume continues the run in --run-dir and --overwrite starts it over: give one of them")
     try:
         cfg = config_from_args(args, validate=False)  # on resume, the flags alone may not make a whole config
         if cfg.resume and cfg.run_dir and (Path(cfg.run_dir) / "config.json").exists():
             saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
             given = {k: v for k, v in vars(args).items() if k != "preset"}
             cfg = config_from_dict({**saved, **given})
-        cfg.validate()
+            cfg.validate()  # the saved config, not a preset, filled in what the flags leave out
+        else:
+            validate_with_preset(cfg, args)
         return cfg
     except ValueError as e:
         parser.error(str(e))

@@ -46,6 +46,10 @@ def test_every_field_is_a_flag_and_flags_beat_the_preset():
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--warmup-frac", "1"], "--warmup-frac must be in [0, 1)"),
     (["--crop-scale-min", "0"], "--crop-scale-min must be in (0, 1]"),
+    (["--epoch", "2"], "unrecognized arguments: --epoch"),  # a prefix of --epochs is a typo, not an abbreviation
+    (["--preset", "shapes", "--image-freeze-bn-stats"],
+     "drop one of the two flags (--preset shapes set --no-image-pretrained; a flag of your own overrides it)"),
+    (["--preset", "shapes", "--batch-size", "12", "--accum-steps", "5"], "divisible by --accum-steps 5\n"),
 ])
 def test_bad_flags_fail_with_the_flag_named(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -134,6 +134,10 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
     assert (run / "metrics.jsonl").read_text() == stamp  # a start that fails does not clear the old run
     train.main(args + ["--overwrite"])
     assert len(read_jsonl(run / "metrics.jsonl")) == 1
+    with pytest.raises(SystemExit):  # which of the two was meant is not ours to guess
+        train.main(args + ["--resume", "--overwrite"])
+    assert "--resume continues the run in --run-dir and --overwrite starts it over" in capsys.readouterr().err
+    assert len(read_jsonl(run / "metrics.jsonl")) == 1
     with pytest.raises(SystemExit, match="no checkpoint to resume"):
         train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "new"), "--resume"])
     # compiled runs drop a short last batch, so here no batch is left at all
