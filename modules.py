@@ -14,7 +14,7 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_
                                                     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
 from packing import packed_forward
-from utils import hub_error
+from utils import hub_error, model_type_of
 
 
 class ChannelPaddedConv2d(nn.Conv2d):
@@ -57,8 +57,8 @@ class ImageEncoder(nn.Module):
         super().__init__()
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
-            raise ValueError(f"--image-model {name!r} is not a timm model name; close ones: {close} "
-                             f"(all: timm.list_models())")
+            close = f"close ones: {close}" if close else "see timm.list_models() for them all"
+            raise ValueError(f"--image-model {name!r} is not a timm model name; {close}")
         try:
             try:  # ViT-style models take the resolution at build time; convolutional ones refuse the keyword
                 self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=image_size)
@@ -109,8 +109,10 @@ def build_text_config(name: str, pretrained: bool, layers: int, width: int, head
         try:
             config = AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
-            raise hub_error(name, "text model", "--no-text-pretrained --text-model distilbert (random init, "
-                            "no download)", e) from None
+            hint = (f"--no-text-pretrained --text-model {model_type_of(name)} (random init, no download)" if pretrained
+                    else f"--text-model {model_type_of(name)}: with --no-text-pretrained, a model type builds its "
+                    f"architecture with no download")
+            raise hub_error(name, "text model", hint, e, local_flag="--text-model") from None
     if pretrained:
         return config
     try:
@@ -174,7 +176,8 @@ class TextEncoder(nn.Module):
             try:
                 self.model = _with_sdpa(AutoModel.from_pretrained, name)
             except (OSError, ValueError) as e:
-                raise hub_error(name, "text model", "--no-text-pretrained --text-model distilbert", e) from None
+                raise hub_error(name, "text model", f"--no-text-pretrained --text-model {model_type_of(name)}", e,
+                                local_flag="--text-model") from None
             if self.model.config.vocab_size < vocab_size:
                 raise ValueError(f"the tokenizer has {vocab_size} tokens but {name} only {self.model.config.vocab_size}"
                                  f" embeddings; use the model's own tokenizer (--tokenizer '')")

@@ -16,9 +16,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import CONFIG_MAPPING, AutoTokenizer, PreTrainedTokenizerFast
 
-from utils import hub_error, write_json
+from utils import hub_error, model_type_of, write_json
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Part of what a saved DATA/tokenizer was trained from: bump it when the same captions would give another vocabulary,
@@ -134,9 +134,15 @@ def load_tokenizer(name: str, text_model: str, data_dir, train_captions, vocab_s
                       f"{path.parent} is writable")
                 return tokenizer
         return AutoTokenizer.from_pretrained(path)
+    given = "--tokenizer" if name else "--text-model"
     name = name or text_model
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise hub_error(name, "tokenizer", "--tokenizer local (a WordPiece tokenizer trained on your captions) "
-                        "with --no-text-pretrained --text-model distilbert", e) from None
+        if name in CONFIG_MAPPING and not Path(name).exists():  # "distilbert": an architecture, no vocabulary
+            raise ValueError(f"{given} {name} is a model type, which comes with no tokenizer: name one with "
+                             f"--tokenizer (a Hub model such as distilbert-base-uncased, or a folder), or train one "
+                             f"on your captions with --tokenizer local") from None
+        raise hub_error(name, "tokenizer", f"--tokenizer local (a WordPiece tokenizer trained on your captions) with "
+                        f"--no-text-pretrained --text-model {model_type_of(name)}", e,
+                        local_flag="--tokenizer") from None

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -169,16 +170,26 @@ class HubError(RuntimeError):
 OFFLINE_FLAGS = "--no-image-pretrained --no-text-pretrained --text-model distilbert --tokenizer local"
 
 
-def hub_error(name: str, what: str, flag_hint: str, cause: Exception, repo: str = "") -> HubError:
+def model_type_of(name: str) -> str:
+    """The transformers model type a Hub name most likely has ("bert-base-uncased" -> "bert", "answerdotai/
+    ModernBERT-base" -> "modernbert"), which builds offline with random weights; else "distilbert"."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # here: most callers never need it
+    first = re.split(r"[-_.]", name.rstrip("/").split("/")[-1].lower())[0]
+    return first if first in CONFIG_MAPPING else "distilbert"
+
+
+def hub_error(name: str, what: str, flag_hint: str, cause: Exception, repo: str = "",
+              local_flag: str = "") -> HubError:
     """A fail-fast message for weights or files that could not come from the Hugging Face Hub (repo: the Hub
-    repository holding them, when it differs from `name`)."""
+    repository holding them, when it differs from `name`; local_flag: the flag that also takes a local folder)."""
     home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
     offline = " (HF_HUB_OFFLINE is set, so nothing was downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    local = f", or point {local_flag} at a local folder holding the files" if local_flag else ""
     return HubError(
         f"could not load the {what} {name!r} from the Hugging Face Hub or its cache{offline}: "
         f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
         f"  - the cache is HF_HOME={home}; pre-download on a machine with internet with\n"
         f"      hf download {repo or name}\n"
-        f"    and copy that folder, or point the flag at a local folder holding the files;\n"
+        f"    and copy that cache to this machine{local};\n"
         f"  - or train without it: {flag_hint}\n"
         f"  - or without any download at all (random initialisation): {OFFLINE_FLAGS}")

@@ -16,6 +16,7 @@ def test_pretrained_image_weights_offline_name_the_repo_and_the_way_out():
     message = str(e.value)
     assert "resnet50" in message and "HF_HOME" in message and "hf download timm/resnet50" in message
     assert "--no-image-pretrained" in message and "HF_HUB_OFFLINE" in message
+    assert "local folder" not in message  # --image-model takes timm names only: the copied cache is the way
     assert time.monotonic() - start < 30  # no retry loop against an unreachable Hub
 
 
@@ -26,9 +27,24 @@ def test_hub_tokenizer_and_text_model_offline():
         build_text_config("distilbert-base-uncased", True, 0, 0, 0, 100, 48)
 
 
+def test_hints_name_the_architecture_the_user_asked_for():
+    """Offline, `--no-text-pretrained --text-model bert-base-uncased` still needs the Hub for the architecture; the
+    model type `bert` does not. A model type names no tokenizer at all."""
+    with pytest.raises(RuntimeError) as e:
+        build_text_config("bert-base-uncased", False, 2, 64, 2, 100, 48)
+    assert "--text-model bert: with --no-text-pretrained, a model type builds" in str(e.value)
+    assert "point --text-model at a local folder" in str(e.value)
+    with pytest.raises(RuntimeError, match=r"--no-text-pretrained --text-model roberta \(random"):
+        build_text_config("FacebookAI/roberta-base", True, 0, 0, 0, 100, 48)
+    with pytest.raises(ValueError, match="--text-model distilbert is a model type, which comes with no tokenizer"):
+        load_tokenizer("", "distilbert", ".", lambda: [], 100)
+
+
 def test_unknown_timm_name_suggests_close_ones():
     with pytest.raises(ValueError, match=r"--image-model 'resnet5O'.*'resnet50'"):
         ImageEncoder("resnet5O", pretrained=False, image_size=64)
+    with pytest.raises(ValueError, match=r"'/tmp/weights' is not a timm model name; see timm.list_models\(\)"):
+        ImageEncoder("/tmp/weights", pretrained=False, image_size=64)
 
 
 def test_default_recipe_stops_before_training(tiny_shapes_dir, tmp_path):
