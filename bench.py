@@ -518,7 +518,8 @@ def bench_checkpoint(sizes: Sizes, device, dtype, root: Path):
 # --- report -------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--tiny", action="store_true", help="toy sizes, CPU, 1-2 minutes")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write all results here")
