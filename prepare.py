@@ -76,10 +76,10 @@ def download_zip(spec: DatasetSpec, out: Path, connect) -> Path:
     if zip_is_complete(path):
         print(f"{path} is already downloaded")
         return path
+    api = connect()  # first: a missing credential must not follow a line that announces a download
     if path.exists():
         print(f"{path} is incomplete ({path.stat().st_size / 1e9:.2f} GB); continuing the download")
     print(f"downloading {spec.slug} from Kaggle ({spec.url})")
-    api = connect()
     for force in (False, True):  # kaggle resumes a partial file; if that still is no whole zip, start over
         try:
             api.dataset_download_files(spec.slug, path=str(out), force=force, quiet=False, unzip=False)

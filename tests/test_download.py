@@ -191,6 +191,22 @@ def test_partial_download_is_detected_and_redone(tmp_path, kaggle_zip, with_key,
     assert report_of(out)["images"] == N_GOOD
 
 
+def test_credentials_are_found_before_a_download_is_announced(tmp_path, kaggle_zip, monkeypatch, capsys):
+    out = tmp_path / "flickr30k"
+    out.mkdir()
+    (out / "flickr-image-dataset.zip").write_bytes(kaggle_zip.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match="no Kaggle credentials found"):
+        run(["--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "downloading" not in printed and "continuing the download" not in printed
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", KEY)
+    assert run(["--out", str(out)], FakeKaggle(kaggle_zip)) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("Kaggle credentials: ") < printed.index("continuing the download") < printed.index(
+        f"downloading {SLUG}")
+
+
 def test_zip_flag_needs_no_credentials_and_keeps_the_zip(tmp_path, kaggle_zip):
     out = tmp_path / "flickr30k"
     assert run(["--zip", str(kaggle_zip), "--out", str(out)]) == 0  # the fake fails the test if called
