@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kaggle_auth import CredentialsError, kaggle_api, resolve_credentials
-from prepare import DATASETS, PrepareError, fetch, prepare
+from prepare import DATASETS, PrepareError, fetch, prepare, read_split_file
 from shapes import make_shapes
 from utils import write_json
 
@@ -98,15 +98,17 @@ def main(argv=None, connect=kaggle_api) -> int:
         return connect(creds)
 
     try:
+        # read first: a split file that cannot be used must stop the run before a download of 4 GB, not after it
+        splits = read_split_file(args.split_file) if args.split_file else None
         if args.prepare:
-            prepare(args.prepare, spec, args.split_file, args.workers, reverify=True)
+            prepare(args.prepare, spec, args.split_file, args.workers, reverify=True, splits=splits)
             return 0
         spec = spec or DATASETS["flickr30k"]
         out = Path(args.out or f"data/{spec.name}")
         made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
         try:
             fetch(spec, out, args.zip, connect_with_credentials, args.keep_zip)
-            prepare(out, spec, args.split_file, args.workers)
+            prepare(out, spec, args.split_file, args.workers, splits=splits)
         finally:
             for folder in made:  # a run that failed before writing anything leaves no empty folder behind
                 if folder.is_dir() and not any(folder.iterdir()):

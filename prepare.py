@@ -383,16 +383,17 @@ def save_json(path: Path, obj) -> None:
 
 
 def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers: int = 0,
-            reverify: bool = False) -> dict:
+            reverify: bool = False, splits: dict[str, list[str]] | None = None) -> dict:
     """Verify a data folder and write DATA/prepare_report.json (and DATA/splits.json from `split_file`).
 
     Images are decoded again only if they changed since the last report (or `reverify`); a folder unchanged in
-    every file since its report is left as it is. workers: processes for decoding (0 = one per CPU)."""
+    every file since its report is left as it is. workers: processes for decoding (0 = one per CPU). splits:
+    split_file as read_split_file read it, where the caller read it already (download.py does, before fetching)."""
     data_dir = Path(data_dir)
     caption_file, image_dir = find_layout(data_dir)
     previous = (data_dir / "splits.json").read_bytes() if (data_dir / "splits.json").exists() else None
     if split_file:
-        save_json(data_dir / "splits.json", read_split_file(split_file))
+        save_json(data_dir / "splits.json", splits or read_split_file(split_file))
     image_files = image_files_in(image_dir)
     images_stamp = fingerprint(image_files)
     splits_file = [data_dir / "splits.json"] if (data_dir / "splits.json").exists() else []

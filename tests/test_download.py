@@ -313,6 +313,16 @@ def test_split_file_sizes_reach_the_report_and_training_data(tmp_path, kaggle_zi
     assert {s: len(split) for s, split in CaptionData(out, verbose=False).splits.items()} == expected
 
 
+def test_a_bad_split_file_stops_the_run_before_anything_is_downloaded(tmp_path, kaggle_zip, with_key):
+    out, fake = tmp_path / "flickr30k", FakeKaggle(kaggle_zip)
+    with pytest.raises(SystemExit, match="--split-file .*nope.json: no such file"):
+        run(["--out", str(out), "--split-file", str(tmp_path / "nope.json")], fake)
+    (tmp_path / "two.json").write_text(json.dumps({"train": ["a.jpg"], "val": ["a.jpg"], "test": ["b.jpg"]}))
+    with pytest.raises(SystemExit, match="two.json: image a.jpg is in both the train and the val split"):
+        run(["--out", str(out), "--split-file", str(tmp_path / "two.json")], fake)
+    assert fake.calls == [] and not out.exists()
+
+
 def test_an_empty_data_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="is empty .*python download.py"):
         CaptionData(tmp_path, verbose=False)
