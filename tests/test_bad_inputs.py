@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import re
 import unicodedata
 
 import numpy as np
@@ -182,6 +183,14 @@ def test_csv_columns_commas_and_stray_quotes(tmp_path):
     rows, report = read_captions(folder)
     assert rows == [(2, "a.jpg", "A man, a plan"), (3, "b.jpg", 'A "quoted" word'), (5, "d.jpg", "A dog")]
     assert [r["line"] for r in report.dropped_rows] == [4]
+
+
+@pytest.mark.parametrize("separator, named", [(";", "semicolons (';')"), ("\t", "tabs")])
+def test_csv_with_another_separator_says_the_columns_need_commas(tmp_path, separator, named):
+    folder = caption_folder(tmp_path, "captions.csv", f"image{separator}caption\na.jpg{separator}A cat\n".encode(),
+                            images=["a.jpg"])
+    with pytest.raises(SystemExit, match=rf"captions.csv: its columns are separated by {re.escape(named)}.*commas"):
+        download.main(["--prepare", str(folder), "--workers", "1"])
 
 
 def test_captions_for_missing_images_and_images_without_captions_are_reported(tmp_path):
