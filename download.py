@@ -68,7 +68,8 @@ def main(argv=None, connect=kaggle_api) -> int:
     """connect(credentials) -> an authenticated Kaggle API object (tests pass a fake that "downloads" a local zip)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=[*DATASETS, "shapes"],
-                   help="what to get (default flickr30k; with --prepare, what the folder should hold)")
+                   help="what to get (default flickr30k; with --prepare, the data set whose image and caption "
+                        "counts the folder is checked against: a plain --prepare checks none)")
     p.add_argument("--out", help="target folder (default: data/<dataset>)")
     p.add_argument("--zip", help="prepare from this zip, downloaded by hand from the Kaggle page (kept)")
     p.add_argument("--prepare", metavar="DIR", help="only verify DIR (a folder in our format) and rewrite its report")
@@ -90,7 +91,7 @@ def main(argv=None, connect=kaggle_api) -> int:
     if args.dataset == "shapes" and not args.prepare:
         make_shapes_set(p, args, args.out or "data/shapes")
         return 0
-    spec = DATASETS.get(args.dataset)  # None for shapes and your own data: no expected counts
+    spec = DATASETS.get(args.dataset)  # None for shapes and for --prepare without --dataset: no expected counts
 
     def connect_with_credentials():
         creds = resolve_credentials(args.kaggle_json)

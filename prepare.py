@@ -277,11 +277,12 @@ def read_split_file(path) -> dict[str, list[str]]:
 
 # --- verify and report ---
 
-def count_mismatches(spec: DatasetSpec | None, image_files: int, caption_rows: int) -> list[str]:
+def count_mismatches(spec: DatasetSpec | None, image_files: int, caption_rows: int, data_dir: Path) -> list[str]:
     if spec is None:
         return []
     found = {"images": (image_files, spec.images), "captions": (caption_rows, spec.captions)}
-    return [f"expected {want:,} {what} for {spec.name} ({spec.url}), found {got:,}"
+    return [f"expected {want:,} {what} for {spec.name} ({spec.url}), found {got:,}; if {data_dir} holds data of "
+            f"your own, not {spec.name}, `python download.py --prepare {data_dir}` (no --dataset) checks no counts"
             for what, (got, want) in found.items() if got != want]
 
 
@@ -352,7 +353,7 @@ def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Pat
         captioned.add(image)
         if image not in bad:
             captions[image] += 1
-    warnings = count_mismatches(spec, len(image_files), caption_rows)
+    warnings = count_mismatches(spec, len(image_files), caption_rows, data_dir)
     try:
         members = split_names(sorted(captioned), data_dir)  # as training draws them: bad images drop out after
         splits = {s: sum(n not in bad for n in members[s]) for s in SPLITS}
@@ -411,8 +412,9 @@ def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers:
     """Verify a data folder and write DATA/prepare_report.json (and DATA/splits.json from `split_file`).
 
     Images are decoded again only if they changed since the last report (or `reverify`); a folder unchanged in
-    every file since its report is left as it is. workers: processes for decoding (0 = one per CPU). splits:
-    split_file as read_split_file read it, where the caller read it already (download.py does, before fetching)."""
+    every file since its report, and checked against the same `spec`, is left as it is. workers: processes for
+    decoding (0 = one per CPU). splits: split_file as read_split_file read it, where the caller read it already
+    (download.py does, before fetching)."""
     data_dir = Path(data_dir)
     caption_file, image_dir = find_layout(data_dir)
     check_separator(caption_file)
@@ -424,8 +426,10 @@ def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers:
     splits_file = [data_dir / "splits.json"] if (data_dir / "splits.json").exists() else []
     stamp = fingerprint([caption_file.resolve(), *image_files, *(f.resolve() for f in splits_file)])
     old = read_old_report(data_dir)
-    spec = spec or DATASETS.get(old.get("dataset"))  # --prepare on a folder that download.py made
-    if old.get("fingerprint") == stamp and old.get("images") and not reverify:
+    # the counts are checked against `spec` alone, never a data set remembered from the report: a folder once
+    # prepared with --dataset may well be data of your own, which a plain --prepare must not warn about
+    same_check = old.get("dataset") == (spec.name if spec else None)
+    if old.get("fingerprint") == stamp and old.get("images") and same_check and not reverify:
         print(f"{data_dir} is already prepared and unchanged since its {REPORT}")
         summarize(data_dir, old)
         return old

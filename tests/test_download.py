@@ -15,7 +15,7 @@ import download
 import prepare
 import shapes
 import train
-from conftest import TINY
+from conftest import TINY, caption_folder
 from dataset import CaptionData
 from shapes import make_shapes
 
@@ -142,6 +142,26 @@ def test_counts_matching_the_data_set_give_no_warning(tmp_path, kaggle_zip, monk
     monkeypatch.setitem(prepare.DATASETS, "flickr30k", spec)
     assert run(["--zip", str(kaggle_zip), "--out", str(tmp_path / "d")]) == 0
     assert report_of(tmp_path / "d")["warnings"] == []
+
+
+def test_counts_are_checked_only_against_a_data_set_named_for_this_run(tmp_path, kaggle_zip, capsys):
+    # your own data in a captions.txt (the name Flickr8k's file has too), once prepared with --dataset flickr8k
+    names = [f"{i}.jpg" for i in range(20)]
+    mine = caption_folder(tmp_path, "captions.txt", "".join(["image,caption\n", *(f"{n},picture {n}\n"
+                                                                                   for n in names)]).encode(), names)
+    assert run(["--dataset", "flickr8k", "--prepare", str(mine), "--workers", "1"]) == 0
+    warning = report_of(mine)["warnings"][0]
+    assert warning.startswith("expected 8,091 images for flickr8k") and f"`python download.py --prepare {mine}`" \
+        in warning  # says how to silence it
+    capsys.readouterr()
+    assert run(["--prepare", str(mine), "--workers", "1"]) == 0  # the data set is not remembered from the report
+    assert (report_of(mine)["dataset"], report_of(mine)["warnings"]) == (None, [])
+    assert "WARNING" not in capsys.readouterr().out
+    # a download always checks, even where a plain --prepare rewrote the report since
+    out = tmp_path / "flickr30k"
+    assert run(["--zip", str(kaggle_zip), "--out", str(out)]) == 0 and run(["--prepare", str(out)]) == 0
+    assert run(["--zip", str(kaggle_zip), "--out", str(out)]) == 0
+    assert report_of(out)["dataset"] == "flickr30k" and "expected 31,783 images" in report_of(out)["warnings"][0]
 
 
 def test_second_run_verifies_quickly_and_downloads_nothing(tmp_path, kaggle_zip, with_key, monkeypatch, capsys):
