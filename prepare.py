@@ -357,8 +357,10 @@ def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Pat
     try:
         members = split_names(sorted(captioned), data_dir)  # as training draws them: bad images drop out after
         splits = {s: sum(n not in bad for n in members[s]) for s in SPLITS}
+        # the default split places every image; a split file may name only some, and the rest train nowhere
+        in_no_split = sorted(captioned - set(bad) - {n for s in SPLITS for n in members[s]})
     except ValueError as e:
-        splits, warnings = None, warnings + [f"no usable split: {e}"]
+        splits, in_no_split, warnings = None, [], warnings + [f"no usable split: {e}"]
     return {
         "dataset": spec.name if spec else None,
         "caption_file": caption_file.name, "image_dir": image_dir.name,
@@ -369,7 +371,7 @@ def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Pat
         "duplicate_rows": parsed.duplicate_rows,
         "bad_images": sorted(bad), "bad_image_reasons": bad,
         "images_without_captions": sorted(on_disk - {image for _, image, _ in rows} - set(bad)),
-        "splits": splits,
+        "splits": splits, "images_in_no_split": in_no_split,
         "split_rule": "splits.json" if (data_dir / "splits.json").exists() else
         "default: captioned images ranked by a hash of their file name, 5% (at most 1,000) each for test and "
         "val; images that cannot be decoded then drop out of the split they fell in",
@@ -386,6 +388,9 @@ def summarize(data_dir: Path, report: dict) -> None:
               f"{report['bad_images'][:3]} (all in {REPORT}, `bad_images`)")
     if report["splits"]:
         print(f"splits ({report['split_rule']}): " + " / ".join(f"{n:,} {s}" for s, n in report["splits"].items()))
+    if report.get("images_in_no_split"):  # .get: an older report has no such entry
+        print(f"note: {len(report['images_in_no_split']):,} captioned images are in none of the split file's splits, "
+              f"so no run uses them (all in {REPORT}, `images_in_no_split`)")
     for warning in report["warnings"]:
         print(f"WARNING: {warning}")
 

@@ -333,6 +333,21 @@ def test_split_file_sizes_reach_the_report_and_training_data(tmp_path, kaggle_zi
     assert {s: len(split) for s, split in CaptionData(out, verbose=False).splits.items()} == expected
 
 
+def test_captioned_images_a_split_file_leaves_out_are_counted(tmp_path, capsys):
+    names = [f"{i:02d}.jpg" for i in range(12)]
+    folder = caption_folder(tmp_path, "captions.csv", "".join(["image,caption\n", *(f"{n},picture {n}\n"
+                                                                                   for n in names)]).encode(), names)
+    split_file = tmp_path / "few.json"
+    split_file.write_text(json.dumps({"train": names[:2], "val": names[2:3], "test": names[3:4]}))
+    assert run(["--prepare", str(folder), "--split-file", str(split_file), "--workers", "1"]) == 0
+    assert "note: 8 captioned images are in none of the split file's splits, so no run uses them" \
+        in capsys.readouterr().out
+    assert report_of(folder)["images_in_no_split"] == names[4:]
+    split_file.write_text(json.dumps({"train": names[:10], "val": names[10:11], "test": names[11:]}))
+    assert run(["--prepare", str(folder), "--split-file", str(split_file), "--workers", "1"]) == 0  # every image
+    assert "note" not in capsys.readouterr().out and report_of(folder)["images_in_no_split"] == []
+
+
 def test_a_bad_split_file_stops_the_run_before_anything_is_downloaded(tmp_path, kaggle_zip, with_key):
     out, fake = tmp_path / "flickr30k", FakeKaggle(kaggle_zip)
     with pytest.raises(SystemExit, match="--split-file .*nope.json: no such file"):
