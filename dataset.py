@@ -117,6 +117,9 @@ def parse_pipe_rows(lines: list[str], report: ParseReport, source: str) -> list[
     return rows
 
 
+SEPARATORS = {";": "semicolons (';')", "\t": "tabs", "|": "'|'"}  # what an `image,caption` file may hold instead
+
+
 def parse_csv_rows(lines: list[str], report: ParseReport, source: str) -> list[tuple[int, str, str]]:
     """`image,caption` rows (Flickr8k's captions.txt, bring-your-own captions.csv) -> (line, image, caption).
 
@@ -124,8 +127,16 @@ def parse_csv_rows(lines: list[str], report: ParseReport, source: str) -> list[t
     columns are allowed; an unquoted comma inside a caption is glued back; a row that lost its comma is repaired."""
     header = [h.strip().lower() for h in next(csv.reader([lines[0]]))] if lines else []
     if "image" not in header or "caption" not in header:
+        if not lines:
+            raise ValueError(f"{source} is empty")
+        for separator, named in SEPARATORS.items():  # Excel saves ';' where the comma is the decimal mark
+            if {"image", "caption"} <= {h.strip(' "').lower() for h in lines[0].split(separator)}:
+                raise ValueError(f"{source}: its columns are separated by {named} (header {lines[0].strip()!r}), but "
+                                 f"they must be separated by commas, as in `image,caption`; save it as comma-separated "
+                                 f"CSV (in Excel: \"CSV UTF-8 (Comma delimited)\"), with captions that hold commas "
+                                 f"quoted")
         raise ValueError(f"{source}: the first line must be a header naming the columns `image` and `caption`, "
-                         f"got {lines[0][:80]!r}" if lines else f"{source} is empty")
+                         f"got {lines[0][:80]!r}")
     i_img, i_cap = header.index("image"), header.index("caption")
     rows = []
     for number, line in enumerate(lines[1:], start=2):

@@ -313,30 +313,6 @@ def missing_image(image: str, image_dir: Path, spellings: dict[str, str]) -> str
     return f"no image {image} in {image_dir.name}/"
 
 
-SEPARATORS = {";": "semicolons (';')", "\t": "tabs", "|": "'|'"}  # what an `image,caption` file may hold instead
-
-
-def check_separator(caption_file: Path) -> None:
-    """Refuse an `image,caption` file whose header names both columns but separates them with something other
-    than a comma (Excel saves ';' in locales where the comma is the decimal mark): dataset.py would only say the
-    header does not name them."""
-    if caption_file.name == "results.csv":  # Flickr30k's own `|`-separated format
-        return
-    with open(caption_file, "rb") as f:
-        header = f.readline().decode("utf-8-sig", errors="replace").strip()
-
-    def names_both(separator: str) -> bool:
-        return {"image", "caption"} <= {h.strip(' "').lower() for h in header.split(separator)}
-
-    if names_both(","):
-        return
-    for separator, named in SEPARATORS.items():
-        if names_both(separator):
-            raise PrepareError(f"{caption_file}: its columns are separated by {named} (header {header!r}), but they "
-                               f"must be separated by commas, as in `image,caption`; save it as comma-separated CSV "
-                               f"(in Excel: \"CSV UTF-8 (Comma delimited)\"), with captions that hold commas quoted")
-
-
 def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Path], bad: dict[str, str]) -> dict:
     """What the folder holds and what was wrong with it: the contents of prepare_report.json."""
     caption_file, image_dir = find_layout(data_dir)
@@ -422,7 +398,6 @@ def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers:
     (download.py does, before fetching)."""
     data_dir = Path(data_dir)
     caption_file, image_dir = find_layout(data_dir)
-    check_separator(caption_file)
     previous = (data_dir / "splits.json").read_bytes() if (data_dir / "splits.json").exists() else None
     if split_file:
         save_json(data_dir / "splits.json", splits or read_split_file(split_file))

@@ -189,8 +189,11 @@ def test_csv_columns_commas_and_stray_quotes(tmp_path):
 def test_csv_with_another_separator_says_the_columns_need_commas(tmp_path, separator, named):
     folder = caption_folder(tmp_path, "captions.csv", f"image{separator}caption\na.jpg{separator}A cat\n".encode(),
                             images=["a.jpg"])
-    with pytest.raises(SystemExit, match=rf"captions.csv: its columns are separated by {re.escape(named)}.*commas"):
+    message = rf"captions.csv: its columns are separated by {re.escape(named)}.*commas"
+    with pytest.raises(SystemExit, match=message):
         download.main(["--prepare", str(folder), "--workers", "1"])
+    with pytest.raises(ValueError, match=message):  # train.py, evaluate.py and search.py read it the same way
+        CaptionData(folder, verbose=False)
 
 
 def test_captions_for_missing_images_and_images_without_captions_are_reported(tmp_path):
