@@ -31,15 +31,26 @@ from utils import fsync_dir, write_json
 CHECKPOINTS = "checkpoints"
 
 
-def resolve(path) -> Path:
-    """A checkpoint folder from a path to it, to a run directory (its `best`), or to a link."""
+def locate(path) -> Path:
+    """The checkpoint folder a path names, as named (for messages): the folder or a link to it, a file inside it
+    (model.safetensors, checkpoint.json: a file picker hands those out), or a run directory (its `best`)."""
     path = Path(path)
+    if path.is_file() and (path.parent / "checkpoint.json").exists():
+        return path.parent
     if (path / "best" / "checkpoint.json").exists() and not (path / "checkpoint.json").exists():
-        path = path / "best"
+        return path / "best"
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file, not a checkpoint folder; pass the folder that holds "
+                                f"checkpoint.json, e.g. runs/shapes/best")
     if not (path / "checkpoint.json").exists():
         raise FileNotFoundError(f"{path} is not a checkpoint (no checkpoint.json); pass a run's `best` or `last` "
                                 f"folder, e.g. runs/shapes/best")
-    return path.resolve()
+    return path
+
+
+def resolve(path) -> Path:
+    """locate(path) with links followed: the step folder itself, which index files and run_dir_of() go by."""
+    return locate(path).resolve()
 
 
 def run_dir_of(folder) -> Path | None:

@@ -8,14 +8,13 @@ Recall is in percent.
 """
 
 import argparse
-import os
 import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_model, read_info, run_dir_of
+from checkpoint import load_model, locate, read_info, run_dir_of
 from clip import clip_loss
 from dataset import (RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, legacy_train_names, read_json_file,
                      text_batch, trained_images)
@@ -169,22 +168,23 @@ def main(argv=None) -> dict:
                 f"{args.num_workers}")
     try:
         device = pick_device(args.device)
-        model, cfg, tokenizer = load_model(args.checkpoint, device)
+        checkpoint = locate(args.checkpoint)  # the folder used, as named: the title says which
+        model, cfg, tokenizer = load_model(checkpoint, device)
         dtype = inference_precision(cfg.precision, device)
         data = CaptionData(args.data_dir or trained_data_dir(cfg.data_dir))
         pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
         data.open_images(pixels.square, args.image_cache, args.num_workers)
         data.tokenize(tokenizer, cfg.max_length)
-        seen = warn_if_seen(args.checkpoint, data, args.split)
+        seen = warn_if_seen(checkpoint, data, args.split)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     split = data.splits[args.split]
     metrics = evaluate(model, split, data.source, pixels, tokenizer.pad_token_id, device, dtype, args.batch_size,
                        num_workers=args.num_workers, progress=sys.stderr.isatty())
-    metrics.update(split=args.split, checkpoint=os.path.realpath(args.checkpoint), data_dir=str(data.data_dir))
+    metrics.update(split=args.split, checkpoint=str(checkpoint.resolve()), data_dir=str(data.data_dir))
     if seen is not None:
         metrics["seen_in_training"] = seen
-    print(format_table(metrics, f"{args.split} split of {data.data_dir}, checkpoint {args.checkpoint}"))
+    print(format_table(metrics, f"{args.split} split of {data.data_dir}, checkpoint {checkpoint}"))
     if args.json:
         write_json(args.json, metrics)
     return metrics

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import evaluate
 import search
 import train
@@ -210,6 +211,7 @@ def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--text", "x", "--checkpoint", "{tmp}/nothing"], "is not a checkpoint"),
+    (["--text", "x", "--checkpoint", "{tmp}/notes.txt"], "notes.txt is a file, not a checkpoint folder"),
     (["--checkpoint", "{run}"], "one of the arguments --text --image --make-results is required"),
     (["--checkpoint", "{run}", "--text", "x", "--image", "y.jpg"], "not allowed with argument"),
     (["--checkpoint", "{run}", "--text", "  "], "--text is empty"),
@@ -249,6 +251,19 @@ def test_damaged_checkpoint_files_and_bad_evaluate_flags_are_named(run, tmp_path
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv + ["--device", "cpu"])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_file_inside_a_checkpoint_folder_stands_for_the_folder(run, shapes_dir, capsys):
+    """A file picker hands out best/model.safetensors or best/checkpoint.json: both mean best/, and the table's
+    title names the folder that was evaluated."""
+    for name in ("checkpoint.json", "model.safetensors"):
+        assert checkpoint.resolve(run / "best" / name) == checkpoint.resolve(run / "best")
+    metrics = evaluate.main(["--checkpoint", str(run / "best" / "model.safetensors"), "--device", "cpu"])
+    assert metrics["checkpoint"] == str(checkpoint.resolve(run / "best"))
+    assert f"checkpoint {run / 'best'}\n" in capsys.readouterr().out
+    hits = search.main(["--checkpoint", str(run / "best" / "checkpoint.json"), "--data-dir", str(shapes_dir),
+                        "--text", "a red circle", "--k", "3", "--device", "cpu"])
+    assert len(hits) == 3
 
 
 def test_latest_checkpoint_is_the_newest_best(tmp_path, run):
