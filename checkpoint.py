@@ -33,19 +33,25 @@ CHECKPOINTS = "checkpoints"
 
 def locate(path) -> Path:
     """The checkpoint folder a path names, as named (for messages): the folder or a link to it, a file inside it
-    (model.safetensors, checkpoint.json: a file picker hands those out), or a run directory (its `best`)."""
+    (model.safetensors, checkpoint.json: a file picker hands those out), or a run directory (its `best`, which a run
+    has from the end of its first epoch on)."""
     path = Path(path)
     if path.is_file() and (path.parent / "checkpoint.json").exists():
         return path.parent
-    if (path / "best" / "checkpoint.json").exists() and not (path / "checkpoint.json").exists():
+    if (path / "checkpoint.json").exists():
+        return path
+    if (path / "best" / "checkpoint.json").exists():
         return path / "best"
     if path.is_file():
         raise FileNotFoundError(f"{path} is a file, not a checkpoint folder; pass the folder that holds "
                                 f"checkpoint.json, e.g. runs/shapes/best")
-    if not (path / "checkpoint.json").exists():
-        raise FileNotFoundError(f"{path} is not a checkpoint (no checkpoint.json); pass a run's `best` or `last` "
-                                f"folder, e.g. runs/shapes/best")
-    return path
+    if (path / "last" / "checkpoint.json").exists():
+        # not silently `last` instead: it was saved mid-epoch and never validated, so it is not what "the run" means
+        raise FileNotFoundError(f"{path} has no `best` checkpoint yet: the run stopped before the end of its first "
+                                f"epoch. Its latest, saved mid-epoch, is {path / 'last'}: pass that to use it, or "
+                                f"finish training with `python train.py --run-dir {path} --resume`")
+    raise FileNotFoundError(f"{path} is not a checkpoint (no checkpoint.json); pass a run's `best` or `last` folder, "
+                            f"e.g. runs/shapes/best")
 
 
 def resolve(path) -> Path:

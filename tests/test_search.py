@@ -266,6 +266,18 @@ def test_a_file_inside_a_checkpoint_folder_stands_for_the_folder(run, shapes_dir
     assert len(hits) == 3
 
 
+def test_a_run_stopped_before_its_first_best_names_its_last(run, tmp_path, capsys):
+    """A run killed mid-epoch 1 has only `last`: evaluating the run says so and names it, and `last` itself works."""
+    stopped = shutil.copytree(run, tmp_path / "se", symlinks=True, ignore=shutil.ignore_patterns("index-*"))
+    (stopped / "best").unlink()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(stopped), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has no `best` checkpoint yet" in err and f"is {stopped / 'last'}: pass that" in err
+    evaluate.main(["--checkpoint", str(stopped / "last"), "--device", "cpu"])
+    assert f"checkpoint {stopped / 'last'}\n" in capsys.readouterr().out
+
+
 def test_latest_checkpoint_is_the_newest_best(tmp_path, run):
     with pytest.raises(FileNotFoundError, match="train one with"):
         search.latest_checkpoint(tmp_path)
