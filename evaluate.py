@@ -128,8 +128,18 @@ def seen_in_training(checkpoint, data: CaptionData, split: str) -> list[str] | N
 
 
 def warn_if_seen(checkpoint, data: CaptionData, split: str) -> int | None:
-    """Say loudly when a split holds images the checkpoint trained on; returns how many (None: unknown)."""
-    seen = seen_in_training(checkpoint, data, split) if split != "train" else None
+    """Say loudly when a split holds images the checkpoint trained on, and say when that cannot be known; returns how
+    many (None: unknown)."""
+    if split == "train":
+        return None
+    seen = seen_in_training(checkpoint, data, split)
+    if seen is None:
+        why = (f"it is kept outside its run (RUN/checkpoints/), so no RUN/{RUN_SPLITS} lies beside it; use it from "
+               f"inside its run to check" if run_dir_of(checkpoint) is None else
+               f"its run predates RUN/{RUN_SPLITS}, and the default split of its time does not apply to "
+               f"{data.data_dir} (not its data folder, or one with its own splits.json)")
+        print(f"note: whether checkpoint {checkpoint} trained on any of these {split} images cannot be checked: {why}",
+              file=sys.stderr)
     if seen:
         record = run_dir_of(checkpoint) / RUN_SPLITS
         if not record.exists():

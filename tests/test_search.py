@@ -278,6 +278,21 @@ def test_a_run_stopped_before_its_first_best_names_its_last(run, tmp_path, capsy
     assert f"checkpoint {stopped / 'last'}\n" in capsys.readouterr().out
 
 
+def test_a_checkpoint_shared_alone_loads_without_its_training_state_and_says_what_it_cannot_check(run, shapes_dir,
+                                                                                                    tmp_path, capsys):
+    """Copied out of its run and without training_state.safetensors (optimiser moments, most of its size): search and
+    evaluation work, and evaluation says the overlap with its training images is unknown instead of staying silent."""
+    alone = shutil.copytree(run / "best", tmp_path / "copied" / "best",
+                            ignore=shutil.ignore_patterns("index-*", "training_state.safetensors"))
+    metrics = evaluate.main(["--checkpoint", str(alone), "--device", "cpu"])
+    assert metrics["n_images"] == 40 and "seen_in_training" not in metrics
+    err = capsys.readouterr().err
+    assert f"whether checkpoint {alone} trained on any of these test images cannot be checked" in err
+    assert "no RUN/splits.json lies beside it" in err
+    assert len(search.main(["--checkpoint", str(alone), "--text", "a red circle", "--k", "3", "--device", "cpu"])) == 3
+    assert "cannot be checked" in capsys.readouterr().err  # searching the test split says it too
+
+
 def test_latest_checkpoint_is_the_newest_best(tmp_path, run):
     with pytest.raises(FileNotFoundError, match="train one with"):
         search.latest_checkpoint(tmp_path)
