@@ -9,7 +9,8 @@ What is searched: the test split (--split) of the checkpoint's data folder (--da
 --images, any folder of your own images (any size, subfolders included). It is embedded once, in batches, into an index
 stored inside the checkpoint folder (index-<hash>.safetensors: the embeddings, with JSON metadata naming the
 checkpoint, the files and the captions) and reused until the checkpoint, an image (name, size, modification time) or
-a caption changes. Scores are cosine similarities of unit embeddings, the quantity training and evaluation rank by.
+a caption changes. A checkpoint keeps its KEEP_INDEXES most recently used indexes and removes older ones, saying so.
+Scores are cosine similarities of unit embeddings, the quantity training and evaluation rank by.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from plots import curves_figure, image_to_text_figure, read_metrics, save_figure
 from utils import REPO_DIR, autocast, inference_precision, pick_device, trained_data_dir
 
 INDEX_VERSION = 1  # bump when the index layout changes: older files are then rebuilt
+KEEP_INDEXES = 4  # per checkpoint, the most recently used: each split or folder searched leaves one, and they add up
 TEXT_K, IMAGE_K = 9, 5  # a 3 x 3 grid of images; five captions, as many as a Flickr30k image has
 EXAMPLES = 3  # pictures per direction in results/
 
@@ -123,6 +126,10 @@ def _read_index(file: Path, stamp: dict, source: str) -> Index | None:
     except (OSError, KeyError, ValueError, SafetensorError) as e:
         print(f"rebuilding the unreadable index {file} ({type(e).__name__}: {e})")
         return None
+    try:  # the access time marks use, set by hand as mounts may not keep it; the mtime stays the time it was built
+        os.utime(file, ns=(time.time_ns(), file.stat().st_mtime_ns))
+    except OSError:  # a checkpoint we may only read: it stores no new index either, so none is removed by age
+        pass
     return Index(source, meta["paths"], t["image_emb"], meta["captions"], t["text_emb"], t["caption_image"], file,
                  built=False)
 
@@ -143,6 +150,31 @@ def _write_index(index: Index, stamp: dict) -> None:
         print(f"could not store the index in {index.file.parent} ({e}); it will be embedded again next time")
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        return
+    _remove_old_indexes(index.file)
+
+
+def _remove_old_indexes(newest: Path) -> None:
+    """Keep the KEEP_INDEXES most recently used indexes of a checkpoint folder, newest among them; say what goes."""
+    try:
+        indexes = sorted(newest.parent.glob("index-*.safetensors"), reverse=True,
+                         key=lambda f: (f == newest, f.stat().st_atime_ns))
+        for old in indexes[KEEP_INDEXES:]:
+            source = _source(old)
+            old.unlink()
+            print(f"note: removed the search index of {source} from {old.parent} ({old.name}): a checkpoint keeps "
+                  f"the {KEEP_INDEXES} most recently used; searching it again embeds it again")
+    except OSError as e:  # another search removing the same file, or a folder we may not change: nothing is lost
+        print(f"could not remove older search indexes from {newest.parent} ({e})")
+
+
+def _source(file: Path) -> str:
+    """What a stored index holds, in words, for messages; its file name if unreadable."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            return json.loads(f.metadata()["index"])["source"]
+    except (OSError, KeyError, ValueError, SafetensorError):
+        return file.name
 
 
 def dataset_index(s: Searcher, data_dir=None, split: str = "test", verbose: bool = True) -> Index:

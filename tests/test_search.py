@@ -147,6 +147,22 @@ def test_index_is_rebuilt_for_a_changed_checkpoint(run, shapes_dir, tmp_path):
     assert search.dataset_index(search.load_searcher(ckpt, "cpu"), shapes_dir).built
 
 
+def test_a_checkpoint_keeps_its_most_recently_used_indexes(run, shapes_dir, tmp_path, monkeypatch, capsys):
+    """Each split or folder searched leaves an index in the checkpoint folder: beyond KEEP_INDEXES, the least recently
+    used (built or reused) one goes, with a note naming what it held."""
+    monkeypatch.setattr(search, "KEEP_INDEXES", 2)
+    ckpt = shutil.copytree(run / "best", tmp_path / "ckpt", ignore=shutil.ignore_patterns("index-*", "training_*"))
+    s = search.load_searcher(ckpt, "cpu")
+    test = search.dataset_index(s, shapes_dir, "test")
+    val = search.dataset_index(s, shapes_dir, "val")
+    assert not search.dataset_index(s, shapes_dir, "test").built  # reused: now more recently used than val
+    capsys.readouterr()
+    folder = search.folder_index(s, os.path.dirname(test.paths[0]))
+    assert sorted(ckpt.glob("index-*")) == sorted([test.file, folder.file])
+    assert f"removed the search index of the val split of {shapes_dir} from {ckpt} ({val.file.name})" in \
+        capsys.readouterr().out
+
+
 def test_a_folder_of_your_own_images(searcher, index, tmp_path, capsys):
     folder = tmp_path / "photos"
     (folder / "holiday").mkdir(parents=True)
