@@ -23,6 +23,9 @@ DPI = 100
 JPEG_QUALITY = 85  # keeps a 3 x 3 grid well under 300 KB
 LINE_INCHES = 0.21  # height of one caption line at 11 pt (1.2 line spacing is 0.18 in), with a little air
 GAP = 0.6  # blank space between two captions, in lines
+CELL = 2.8  # inches: the square each image of a text -> image grid is fitted into
+NAME_CHARACTERS = 48  # a file name under a grid image wraps at this many characters, about a cell's width at 7 pt
+MARGIN, AIR = 0.1, 0.15  # inches: around a grid, and between its texts and pictures
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -120,22 +123,39 @@ def _frame(ax, colour: str, width: float) -> None:
         spine.set_linewidth(width)
 
 
+def _lines_inches(count: int, points: float) -> float:
+    """Height of `count` lines of text at `points` pt (matplotlib's line spacing is 1.2)."""
+    return count * points * 1.2 / 72
+
+
 def text_to_image_figure(query: str, hits, columns: int = 3) -> Figure:
     """The top images for a text query in a grid: the query as the title, rank and cosine score over each image,
-    true matches framed in green."""
+    its file name under it, true matches framed in green.
+
+    Laid out by hand, in inches, rather than by tight_layout: that packs rows by their cells, but an image's axes then
+    shrinks to the picture's shape inside its cell, so a file name and the next row's title met. Here every cell is a
+    square with room above for the title and below for the name, and shrinking only adds air."""
     rows = math.ceil(len(hits) / columns)
-    fig = Figure(figsize=(3 * columns, 3.2 * rows + 0.8))
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax, hit in zip(axes, hits):
+    names = [textwrap.wrap(Path(hit.item).name, NAME_CHARACTERS) or [""] for hit in hits]
+    sup = textwrap.fill(f"“{query}”", 60)
+    title = _lines_inches(1, 10) + 6 / 72 + AIR  # matplotlib's title pad is 6 pt
+    label = _lines_inches(max(map(len, names), default=1), 7) + 4 / 72 + AIR  # and the label pad 4 pt
+    top = MARGIN + _lines_inches(sup.count("\n") + 1, 13) + AIR
+    width = columns * CELL + (columns - 1) * AIR + 2 * MARGIN
+    height = top + rows * (title + CELL + label) + MARGIN
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(rows, columns, squeeze=False, gridspec_kw=dict(
+        left=MARGIN / width, right=1 - MARGIN / width, top=1 - (top + title) / height,
+        bottom=(MARGIN + label) / height, wspace=AIR / CELL, hspace=(label + title) / CELL)).ravel()
+    for ax, hit, name in zip(axes, hits, names):
         ax.imshow(thumbnail(hit.item))
         _frame(ax, MATCH if hit.match else OTHER, 6 if hit.match else 1)
         ax.set_title(f"{hit.rank}. score {hit.score:.3f}" + ("  ✓ true match" if hit.match else ""), fontsize=10,
                      color=MATCH if hit.match else "black", fontweight="bold" if hit.match else "normal")
-        ax.set_xlabel(Path(hit.item).name, fontsize=7, color="dimgrey", **LITERAL)
+        ax.set_xlabel("\n".join(name), fontsize=7, color="dimgrey", **LITERAL)
     for ax in axes[len(hits):]:
         ax.set_axis_off()
-    fig.suptitle(textwrap.fill(f"“{query}”", 60), fontsize=13, **LITERAL)
-    fig.tight_layout()
+    fig.suptitle(sup, y=1 - MARGIN / height, va="top", fontsize=13, **LITERAL)
     return fig
 
 

@@ -1,10 +1,12 @@
 """plots.py: curves from a metrics log however short or half-written, and the retrieval pictures' markings."""
 
+import itertools
 import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 import plots
@@ -76,6 +78,28 @@ def test_text_to_image_grid_frames_the_true_match(pictures, tmp_path):
     assert not axes[5].axison  # the unused cells of the grid are blank
     path = plots.save_figure(fig, tmp_path / "grid.jpg")
     assert 0 < path.stat().st_size < 300_000 and Image.open(path).format == "JPEG"
+
+
+def test_grid_texts_never_touch_each_other_or_the_pictures(pictures, tmp_path):
+    """As drawn: each file name clears the next row's title, a long name wraps instead of running into its
+    neighbour's, and no text lies on a picture; for square pictures (the built-in set) as for wide ones."""
+    square = tmp_path / "square.jpg"
+    Image.open(pictures[0]).resize((400, 400)).save(square)
+    long = tmp_path / ("holiday photo from the beach at sunset with the whole family " * 2 + ".jpg")
+    long.write_bytes(pictures[1].read_bytes())
+    for files in ([square] * 9, [long, long] + pictures + [square] * 3):
+        hits = [hit(r + 1, r, str(f), 0.9 - 0.01 * r, r == 0) for r, f in enumerate(files)]
+        fig = plots.text_to_image_figure("a small pink diamond on the left " * 4, hits)
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        texts = [fig._suptitle] + [t for ax in fig.axes for t in (ax.title, ax.xaxis.label) if t.get_text()]
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        pictures_drawn = [ax.get_window_extent(renderer) for ax in fig.axes if ax.images]
+        air = 2  # pixels
+        for (a, ta), (b, tb) in itertools.combinations(zip(boxes, texts), 2):
+            assert not a.padded(air).overlaps(b), (ta.get_text(), tb.get_text())
+        for box, text in zip(boxes, texts):
+            assert not any(box.overlaps(p) for p in pictures_drawn), text.get_text()
 
 
 def test_image_to_text_panel_wraps_and_marks_captions(pictures):
