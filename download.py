@@ -66,7 +66,8 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
 
 def main(argv=None, connect=kaggle_api) -> int:
     """connect(credentials) -> an authenticated Kaggle API object (tests pass a fake that "downloads" a local zip)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--dataset", choices=[*DATASETS, "shapes"],
                    help="what to get (default flickr30k; with --prepare, the data set whose image and caption "
                         "counts the folder is checked against: a plain --prepare checks none)")

@@ -163,7 +163,8 @@ def format_table(metrics: dict, title: str = "") -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description="Image<->text retrieval recall of a checkpoint on a data split.")
+    p = argparse.ArgumentParser(description="Image<->text retrieval recall of a checkpoint on a data split.",
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/best, RUN/last) or a run folder")
     p.add_argument("--data-dir", help="data folder (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])

@@ -387,7 +387,8 @@ def print_hits(title: str, hits: list[Hit]) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/best, RUN/last) or a run folder")
     p.add_argument("--data-dir", help="data folder whose --split is searched (default: the checkpoint's own)")
     p.add_argument("--split", choices=["train", "val", "test"], help="the split searched (default test)")
