@@ -113,9 +113,10 @@ def test_bad_kaggle_json_names_the_file(tmp_path):
         resolve_credentials(kaggle_json=tmp_path / "missing.json")
 
 
-def test_world_readable_kaggle_json_is_pointed_out(tmp_path, capsys):
+@pytest.mark.parametrize("mode", [0o644, 0o640])  # readable by everyone, or by the group alone
+def test_kaggle_json_readable_by_others_is_pointed_out(tmp_path, capsys, mode):
     path = kaggle_json(tmp_path / "repo" / "kaggle.json", "alice")
-    path.chmod(0o644)
+    path.chmod(mode)
     resolve_credentials()
     assert f"chmod 600 {path}" in capsys.readouterr().out
 
@@ -191,13 +192,6 @@ def test_kaggle_json_in_the_xdg_config_folder_is_found(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     path = kaggle_json(tmp_path / "xdg" / "kaggle" / "kaggle.json", "from-xdg")
     assert resolve_credentials().username == "from-xdg"
-
-
-def test_kaggle_json_readable_by_the_group_is_pointed_out(tmp_path, capsys):
-    path = kaggle_json(tmp_path / "repo" / "kaggle.json", "alice")
-    path.chmod(0o640)
-    resolve_credentials()
-    assert f"chmod 600 {path}" in capsys.readouterr().out
 
 
 def test_spaces_around_the_values_of_kaggle_json_are_dropped(tmp_path):
