@@ -139,7 +139,7 @@ class Config:
 
 
 # Overrides for the built-in data set: small towers, random init, small images, so the whole run fits in minutes
-# on a 2-core CPU. Measured there: about 110-145 samples/s for this preset (see README).
+# on a 2-core CPU. Measured there: about 110-140 samples/s for this preset (see README).
 PRESETS: dict[str, dict] = {
     "shapes": dict(
         data_dir="data/shapes",

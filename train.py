@@ -22,7 +22,8 @@ from tqdm import tqdm
 from checkpoint import (BackgroundWriter, capture, load_training_state, load_weights, read_info, read_tokenizer,
                         rng_state)
 from clip import CLIPModel
-from config import Config, build_parser, config_from_args, config_from_dict, flag, save_config, validate_with_preset
+from config import (PRESETS, Config, build_parser, config_from_args, config_from_dict, flag, save_config,
+                    validate_with_preset)
 from dataset import RUN_SPLITS, TEXT_KEYS, CaptionData, TrainBatches, batch_loader, record_split
 from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from engine import global_mean, lr_factor, make_optimizer, train_step
@@ -46,6 +47,12 @@ def resolve_config(argv) -> Config:
             saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
             given = {k: v for k, v in vars(args).items() if k != "preset"}
             cfg = config_from_dict({**saved, **given})
+            preset = getattr(args, "preset", None)  # the run's first command repeated with --resume is fine
+            clashes = [f"--{flag(k)} {v!r} (the run has {getattr(cfg, k)!r})"
+                       for k, v in PRESETS.get(preset, {}).items() if k not in given and getattr(cfg, k) != v]
+            if clashes:
+                parser.error(f"--resume continues with {cfg.run_dir}/config.json, which --preset {preset} contradicts:"
+                             f" it sets {', '.join(clashes)}. Leave --preset out, or give as flags what should change")
             cfg.validate()  # the saved config, not a preset, filled in what the flags leave out
         else:
             validate_with_preset(cfg, args)

@@ -137,6 +137,11 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
     with pytest.raises(SystemExit):  # which of the two was meant is not ours to guess
         train.main(args + ["--resume", "--overwrite"])
     assert "--resume continues the run in --run-dir and --overwrite starts it over" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a preset the run did not start from would be silently ignored
+        train.main(["--run-dir", str(run), "--resume", "--preset", "shapes"])
+    err = capsys.readouterr().err
+    assert "config.json, which --preset shapes contradicts" in err and "--image-model 'resnet18' (the run has " \
+        "'resnet10t')" in err and "--epochs 8 (the run has 1)" in err  # the run's first command + --resume is fine
     assert len(read_jsonl(run / "metrics.jsonl")) == 1
     with pytest.raises(SystemExit, match="no checkpoint to resume"):
         train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "new"), "--resume"])
