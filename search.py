@@ -38,6 +38,7 @@ from plots import curves_figure, image_to_text_figure, read_metrics, save_figure
 from utils import REPO_DIR, autocast, inference_precision, pick_device, trained_data_dir
 
 INDEX_VERSION = 1  # bump when the index layout changes: older files are then rebuilt
+STALE_TMP_SECONDS = 3600  # a temporary index file older than this was left by a killed search
 KEEP_INDEXES = 4  # per checkpoint, the most recently used: each split or folder searched leaves one, and they add up
 TEXT_K, IMAGE_K = 9, 5  # a 3 x 3 grid of images; five captions, as many as a Flickr30k image has
 EXAMPLES = 3  # pictures per direction in results/
@@ -155,8 +156,12 @@ def _write_index(index: Index, stamp: dict) -> None:
 
 
 def _remove_old_indexes(newest: Path) -> None:
-    """Keep the KEEP_INDEXES most recently used indexes of a checkpoint folder, newest among them; say what goes."""
+    """Keep the KEEP_INDEXES most recently used indexes of a checkpoint folder, newest among them; say what goes.
+    Also remove what a search killed while writing an index left behind (a write takes seconds, not an hour)."""
     try:
+        for tmp in newest.parent.glob(".index-*.tmp"):
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                tmp.unlink()
         indexes = sorted(newest.parent.glob("index-*.safetensors"), reverse=True,
                          key=lambda f: (f == newest, f.stat().st_atime_ns))
         for old in indexes[KEEP_INDEXES:]:

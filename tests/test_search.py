@@ -4,6 +4,7 @@ your own images, the pictures, and the error messages."""
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -152,8 +153,13 @@ def test_a_checkpoint_keeps_its_most_recently_used_indexes(run, shapes_dir, tmp_
     used (built or reused) one goes, with a note naming what it held."""
     monkeypatch.setattr(search, "KEEP_INDEXES", 2)
     ckpt = shutil.copytree(run / "best", tmp_path / "ckpt", ignore=shutil.ignore_patterns("index-*", "training_*"))
+    stale, live = ckpt / ".index-0123456789ab.safetensors.x1.tmp", ckpt / ".index-0123456789ab.safetensors.x2.tmp"
+    stale.write_bytes(b"a killed search's half-written index")
+    live.write_bytes(b"another search writing now")
+    os.utime(stale, (time.time() - 2 * search.STALE_TMP_SECONDS,) * 2)
     s = search.load_searcher(ckpt, "cpu")
     test = search.dataset_index(s, shapes_dir, "test")
+    assert not stale.exists() and live.exists()
     val = search.dataset_index(s, shapes_dir, "val")
     assert not search.dataset_index(s, shapes_dir, "test").built  # reused: now more recently used than val
     capsys.readouterr()
