@@ -104,10 +104,30 @@ def test_the_temperature_stops_at_the_cap_and_can_come_back_down():
     push_up = model.logit_scale.register_hook(lambda grad: torch.full_like(grad, -1e-3))
     step()  # Adam moves it by about the learning rate (1.0): far past the cap
     push_up.remove()
-    assert model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
+    assert model.scale().item() == pytest.approx(100)  # as in the CLIP paper
     for _ in range(3):  # an untrained model's confident mistakes: the loss wants a lower scale
         step()
     assert model.logit_scale.item() < MAX_LOGIT_SCALE - 0.5
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_the_temperature_starts_at_its_flag_and_moves_only_when_learned(learn):
+    model, cfg = tiny_model(init_temperature=0.05, learn_temperature=learn)
+    assert model.scale().item() == pytest.approx(1 / 0.05)
+    train_steps(model, cfg, steps=1)
+    assert (model.scale().item() != pytest.approx(1 / 0.05)) == learn
+
+
+def test_both_towers_give_unit_length_embeddings():
+    """Cosine scores, and a temperature that means the same for every batch, need unit vectors: the heads end in a
+    layer norm, whose outputs are far longer."""
+    model, _ = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 500, (4, 16), generator=g)
+    with torch.no_grad():
+        image, text, _ = model.eval()(torch.randn(4, 3, 32, 32, generator=g), ids, torch.ones_like(ids))
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(4))
 
 
 @pytest.mark.parametrize("text_model", ["distilbert", "bert", "roberta", "squeezebert", "albert", "modernbert", "t5",
