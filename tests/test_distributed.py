@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from checkpoint import read_info
 from clip import CLIPModel
 from config import parse_config
 from conftest import TINY, tiny_config
@@ -169,6 +170,7 @@ def test_two_process_training_completes_and_resumes(tiny_shapes_dir, tmp_path):
     assert len(history) == 1  # only rank 0 writes
     # 180 train images / (2 ranks x 16) -> 5 full global batches + 20 left over, 10 per rank
     assert history[0]["step"] == 6
+    assert len(read_info(run / "last")["rng"]) == WORLD  # every rank's random state, so that each resumes its own
     second = torchrun(args + ["--epochs", "2", "--resume"])
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     history = read_jsonl(run / "metrics.jsonl")
