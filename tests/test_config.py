@@ -1,14 +1,17 @@
-"""Flags come from the dataclass, presets apply first, bad settings fail before any work with the flag named."""
+"""Flags come from the dataclass, presets apply first, bad settings fail before any work with the flag named; the
+device, precision and seed that settings pick take effect."""
 
 import dataclasses
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import utils
 from config import PRESETS, Config, build_parser, config_from_dict, field_notes, parse_config
-from utils import inference_precision, pick_precision
+from utils import autocast, inference_precision, pick_device, pick_precision, seed_everything
 
 
 def test_defaults_are_the_flickr30k_recipe():
@@ -111,3 +114,31 @@ def test_a_checkpoints_relative_data_folder_is_found_from_any_working_directory(
     assert utils.trained_data_dir("data/shapes") == tmp_path / "repo" / "data" / "shapes"
     monkeypatch.chdir(tmp_path / "repo")
     assert utils.trained_data_dir("data/shapes") == Path("data/shapes")  # as given, where that works
+
+
+@pytest.mark.parametrize("name, message", [
+    ("gpu0", "--device 'gpu0' is not a device torch knows"),
+    pytest.param("cuda", "asked for CUDA, but torch sees no CUDA GPU here; use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_a_device_that_cannot_be_used_is_a_flag_error(name, message):
+    with pytest.raises(ValueError, match=message):
+        pick_device(name)
+
+
+def test_autocast_computes_in_the_chosen_precision():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), torch.float32):
+        assert (a @ b).dtype == torch.float32
+
+
+def test_the_seed_repeats_python_numpy_and_torch_draws():
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(()).item()
+
+    seed_everything(3)
+    first = draws()
+    seed_everything(3)
+    assert draws() == first

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from clip import CLIPModel, clip_loss
 from config import Config
 from conftest import TINY, tiny_config
 from engine import lr_factor, make_optimizer, param_groups
-from utils import read_jsonl
+from utils import append_jsonl, atomic_write, read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -231,6 +232,28 @@ def test_resume_forgets_metrics_logged_after_its_checkpoint(tmp_path):
     metrics.write_text("".join(json.dumps({"epoch": e, "train_loss": 5.0 - e}) + "\n" for e in (1, 2)))
     train.drop_rows_after(metrics, 1)
     assert read_jsonl(metrics) == [{"epoch": 1, "train_loss": 4.0}]
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_write(path) as f:
+        f.write("half of the new")
+        raise KeyboardInterrupt
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    with atomic_write(path) as f:
+        f.write("new")
+    assert path.read_text() == "new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # results are for sharing, unlike mkstemp's private files
+
+
+def test_a_metrics_log_reads_back_row_by_row_past_blank_lines(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    append_jsonl(log, {"epoch": 1})
+    with open(log, "a") as f:
+        f.write("\n")  # as an editor may leave it
+    append_jsonl(log, {"epoch": 2})
+    assert read_jsonl(log) == [{"epoch": 1}, {"epoch": 2}]
 
 
 def test_a_run_resumed_with_other_steps_per_epoch_goes_on_from_the_same_point_of_its_schedule(tiny_shapes_dir,

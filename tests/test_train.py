@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 
 import evaluate
 import train
+import utils
 from checkpoint import load_model
 from clip import CLIPModel
 from conftest import TINY
@@ -61,6 +63,22 @@ def test_run_directory_holds_config_metrics_and_checkpoints(tiny_run):
     assert json.loads((run / "env.json").read_text())["torch"] == torch.__version__
     assert (run / "curves.png").stat().st_size > 10_000
     assert len(list((run / "checkpoints").iterdir())) <= 2  # superseded checkpoints are deleted
+
+
+def test_the_recorded_code_version_marks_uncommitted_changes(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("print(1)\n")
+    git("add", "train.py")
+    git("commit", "-qm", "first")
+    monkeypatch.setattr(utils, "REPO_DIR", tmp_path)
+    sha = utils.git_sha()
+    assert len(sha) == 40
+    (tmp_path / "train.py").write_text("print(2)\n")
+    assert utils.git_sha() == sha + "-dirty"
 
 
 def test_reloaded_checkpoint_reproduces_the_training_process_metrics(tiny_run, tmp_path):
