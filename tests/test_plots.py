@@ -99,9 +99,9 @@ def test_grid_texts_never_touch_each_other_or_the_pictures(pictures, tmp_path):
     neighbour's, and no text lies on a picture; for square pictures (the built-in set) as for wide ones."""
     square = tmp_path / "square.jpg"
     Image.open(pictures[0]).resize((400, 400)).save(square)
-    long = tmp_path / ("holiday photo from the beach at sunset with the whole family " * 2 + ".jpg")
+    long = tmp_path / ("holiday photo from the beach at sunset with the whole family " * 4 + ".jpg")  # 252 bytes
     long.write_bytes(square.read_bytes())  # no room to spare under a square picture
-    for files in ([square] * 9, [long, long] + pictures + [square] * 3):
+    for files in ([square] * 9, [long, long] + [square] * 4 + pictures[:3]):  # long names over square pictures
         hits = [hit(r + 1, r, str(f), 0.9 - 0.01 * r, r == 0) for r, f in enumerate(files)]
         fig = plots.text_to_image_figure("a small pink diamond on the left " * 4, hits)
         texts = [fig._suptitle] + [t for ax in fig.axes for t in (ax.title, ax.xaxis.label) if t.get_text()]
@@ -113,7 +113,8 @@ def test_grid_texts_never_touch_each_other_or_the_pictures(pictures, tmp_path):
 
 def test_image_to_text_panel_wraps_and_marks_captions(pictures):
     long = "a large red square in the top left, a small pink cross at the top and a large pink triangle at the bottom"
-    hits = [hit(1, 0, long, 0.5, True), hit(2, 9, "a blue star", 0.4, False)]
+    hits = [hit(1, 0, long, 0.5, True), hit(2, 9, "a blue star", 0.4, False)] + [hit(r, r, long, 0.1, False)
+                                                                                 for r in range(3, 6)]
     fig = plots.image_to_text_figure(pictures[0], hits)
     assert_apart(fig, fig.axes[1].texts)  # a wrapped caption pushes the next one down, its score beside it
     texts = [t.get_text() for t in fig.axes[1].texts]
