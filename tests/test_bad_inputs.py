@@ -120,6 +120,21 @@ def test_prepare_excludes_broken_images_and_keeps_convertible_ones(tmp_path, cap
     assert data.source.get(np.arange(len(data.names))).shape == (len(data.names), 24, 24, 3)
 
 
+def test_prepare_decodes_every_image_again_even_where_the_folder_looks_unchanged(tmp_path):
+    """--prepare DIR is how a folder is checked again: an image damaged in place, its size and time kept, is found."""
+    names = ["0.jpg", "1.jpg", "2.jpg"]
+    rows = b"".join(b"%s| 0| a picture\n" % n.encode() for n in names)
+    folder = caption_folder(tmp_path, "results.csv", HEADER + rows, names)
+    assert download.main(["--prepare", str(folder), "--workers", "1"]) == 0
+    damaged = folder / "images" / names[0]
+    before = damaged.stat()
+    with open(damaged, "r+b") as f:
+        f.write(bytes(before.st_size))
+    os.utime(damaged, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert download.main(["--prepare", str(folder), "--workers", "1"]) == 0
+    assert json.loads((folder / "prepare_report.json").read_text())["bad_images"] == [names[0]]
+
+
 def test_the_report_counts_the_splits_training_uses_when_images_are_broken(tmp_path):
     """Splits are drawn over every captioned image on disk, then broken ones drop out where they fell."""
     images = tmp_path / "data" / "images"

@@ -435,9 +435,12 @@ def test_kaggle_key_never_reaches_logs_metrics_or_checkpoints(tmp_path, kaggle_z
     (["--image-size", "128"], "--image-size must look like 128x128"),
     (["--image-size", "0x0"], "need at least 16x16 pixels"),
     (["--image-size=-5x10"], "need at least 16x16 pixels"),
+    (["--image-size", "200x8"], "need at least 16x16 pixels"),  # each side
     (["--num-images", "5"], "--num-images must be at least 20"),
+    (["--workers", "-1"], "--workers must not be negative"),
+    (["--prepare", "data/mine"], "--prepare DIR works on DIR as it is; it takes no --zip or --out"),
 ])
-def test_shapes_flags_are_checked_before_drawing(argv, message, tmp_path, capsys):
+def test_bad_flags_are_refused_before_drawing(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         download.main(["--dataset", "shapes", "--out", str(tmp_path / "shapes"), *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -453,6 +456,9 @@ def test_shapes_are_drawn_once_per_request_and_redrawn_clean_for_another(tmp_pat
     assert "already holds this set" in capsys.readouterr().out and (out / "results.csv").stat().st_mtime_ns == stamp
     assert download.main(args + ["--num-images", "25"]) == 0  # another set: no image of the old one stays behind
     assert len(list((out / "images").iterdir())) == 25 and len(CaptionData(out, verbose=False).names) == 25
+    captions = (out / "results.csv").read_text()
+    assert download.main(args + ["--num-images", "25", "--seed", "1"]) == 0
+    assert (out / "results.csv").read_text() != captions  # another seed, another set
     (out / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
         download.main(args + ["--num-images", "20"])
