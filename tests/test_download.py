@@ -3,11 +3,13 @@
 import dataclasses
 import io
 import json
+import random
 import re
 import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -521,3 +523,32 @@ def test_no_two_shapes_pictures_share_a_description(tmp_path, monkeypatch):
         body, background = re.fullmatch(r"\S+\| 0\| (.*) on an? (\w+) background", line).groups()
         scenes.add((background, tuple(sorted(re.split(r", | and ", body)))))
     assert len(scenes) == 3000
+
+
+def test_a_shapes_picture_and_its_captions_say_the_same():
+    """A large orange circle at the top right and a small blue square at the bottom: drawn there, in those colours
+    and sizes, and so described."""
+    things = (shapes.Thing("circle", "orange", "large", (2, 0)), shapes.Thing("square", "blue", "small", (1, 2)))
+    pixels = np.asarray(shapes.draw("white", things, 96, 96, random.Random(0))).astype(int)
+    orange, blue = (np.abs(pixels - shapes.COLOURS[c]).max(axis=-1) < 30 for c in ("orange", "blue"))
+    assert orange[16, 80] and blue[80, 48]  # (row, column): the middles of the top-right and bottom-middle cells
+    assert orange.sum() > 2 * blue.sum()  # large against small
+    full, _, counted, biggest, colours = shapes.captions("white", things, random.Random(0))
+    assert full == "a large orange circle in the top right and a small blue square at the bottom on a white background"
+    assert counted in ("two shapes: a large orange circle and a small blue square",
+                       "two shapes: a small blue square and a large orange circle")
+    assert re.fullmatch(r"a picture with an? (large|big|huge) orange (circle|disc|round shape) .*", biggest)
+    assert re.fullmatch(r"a white image showing an orange (circle|disc|round shape) and a blue (square|box|block)",
+                        colours)
+
+
+def test_shapes_scenes_put_one_object_in_a_cell_and_captions_use_every_word_for_a_shape():
+    rng = random.Random(0)
+    scenes = [shapes.sample_scene(rng) for _ in range(300)]
+    assert all(len({t.cell for t in things}) == len(things) for _, things in scenes)
+    background, things = next(scene for scene in scenes if len(scene[1]) == 1)
+    assert shapes.captions(background, things, rng)[2].startswith(f"one shape: {shapes.article(things[0].size)} ")
+    circle = (shapes.Thing("circle", "red", "small", (1, 1)),)
+    words = {re.search("circle|disc|round shape", shapes.captions("grey", circle, random.Random(i))[1]).group()
+             for i in range(20)}
+    assert words == set(shapes.SHAPES["circle"])
