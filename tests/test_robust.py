@@ -4,6 +4,7 @@ safe and explicit loading."""
 import json
 import os
 import pickle
+import shutil
 import signal
 import stat
 import subprocess
@@ -146,6 +147,9 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
     assert len(read_jsonl(run / "metrics.jsonl")) == 1
     with pytest.raises(SystemExit, match="no checkpoint to resume"):
         train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "new"), "--resume"])
+    shutil.rmtree(run / "checkpoints")  # as a run killed after logging its first epoch, before its first checkpoint
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
+        train.main(args)
     # compiled runs drop a short last batch, so here no batch is left at all
     with pytest.raises(SystemExit, match=r"train.py: error: --batch-size 4096 x 1 process\(es\) exceeds the 180 "):
         train.main(args + ["--overwrite", "--batch-size", "4096", "--compile"])
@@ -171,8 +175,10 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_the_settings_that_drew_its_epo
     with pytest.raises(SystemExit, match=r"middle of epoch 1 \(after batch 2\).*--batch-size 32 \(now 16\)"):
         train.main(args + ["--resume", "--batch-size", "16"])  # batch 2 of another plan: other images
     assert json.loads((run / "config.json").read_text())["batch_size"] == 32  # the saved values stay on record
+    append_jsonl(run / "metrics.jsonl", {"epoch": 1, "train_loss": 9.0})  # a run killed while saving epoch 1
     train.main(args + ["--resume", "--lr-head", "0.002"])  # settings that leave the plan alone are fine
-    assert [row["epoch"] for row in read_jsonl(run / "metrics.jsonl")] == [1]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == [1] and rows[0]["train_loss"] != 9.0  # logged once, by the resumed run
 
 
 def test_at_an_epochs_end_a_run_resumes_with_more_processes_whose_new_ranks_keep_their_seed(tiny_run):
