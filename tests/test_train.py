@@ -81,6 +81,28 @@ def test_the_recorded_code_version_marks_uncommitted_changes(tmp_path, monkeypat
     assert utils.git_sha() == sha + "-dirty"
 
 
+def test_the_test_split_is_scored_with_the_best_checkpoint_not_the_last(tiny_shapes_dir, tmp_path, monkeypatch):
+    real_evaluate, calls = train.evaluate, []
+
+    def evaluate_with_epoch_1_best(model, *args, **kwargs):
+        metrics = real_evaluate(model, *args, **kwargs)
+        if "loss_batch_size" in kwargs:  # validation: the first epoch scores best
+            calls.append("val")
+            metrics["mean_recall"] = 100.0 / len(calls)
+        else:  # the test split
+            calls.append({k: v.clone() for k, v in model.state_dict().items()})
+        return metrics
+
+    monkeypatch.setattr(train, "evaluate", evaluate_with_epoch_1_best)
+    run = tmp_path / "run"
+    train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--epochs", "2"])
+    (best, _, _), (last, _, _) = load_model(run / "best"), load_model(run / "last")
+    tested = calls[-1]
+    assert calls[:2] == ["val", "val"] and set(tested) == set(best.state_dict())
+    assert all(torch.equal(tested[k], v) for k, v in best.state_dict().items())
+    assert not all(torch.equal(tested[k], v) for k, v in last.state_dict().items())
+
+
 def test_reloaded_checkpoint_reproduces_the_training_process_metrics(tiny_run, tmp_path):
     run, metrics = tiny_run
     out = tmp_path / "test.json"
