@@ -16,6 +16,7 @@ from checkpoint import load_model
 from clip import CLIPModel
 from conftest import TINY
 from dataset import CaptionData
+from engine import lr_factor
 from images import Pixels
 from utils import read_jsonl
 
@@ -101,6 +102,23 @@ def test_the_test_split_is_scored_with_the_best_checkpoint_not_the_last(tiny_sha
     assert calls[:2] == ["val", "val"] and set(tested) == set(best.state_dict())
     assert all(torch.equal(tested[k], v) for k, v in best.state_dict().items())
     assert not all(torch.equal(tested[k], v) for k, v in last.state_dict().items())
+
+
+def test_the_seed_draws_the_initial_weights_and_the_warmup_reaches_the_schedule(tiny_shapes_dir, tmp_path, monkeypatch):
+    real_make_optimizer, initial = train.make_optimizer, []
+
+    def make_optimizer(model, *args):  # called on the model as built, before any step
+        initial.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_make_optimizer(model, *args)
+
+    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
+    for seed in (0, 1):
+        run = tmp_path / str(seed)
+        train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--epochs", "1", "--seed",
+                           str(seed), "--warmup-frac", "0.9"])
+    assert not all(torch.equal(v, initial[1][k]) for k, v in initial[0].items())
+    # 180 training images in batches of 32: 6 steps, the first 5 warming up, so the last is at the peak
+    assert read_jsonl(run / "metrics.jsonl")[0]["lr_scale"] == pytest.approx(lr_factor(5, 6, 5)) == 1.0
 
 
 def test_reloaded_checkpoint_reproduces_the_training_process_metrics(tiny_run, tmp_path):
