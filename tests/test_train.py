@@ -121,6 +121,21 @@ def test_the_seed_draws_the_initial_weights_and_the_warmup_reaches_the_schedule(
     assert read_jsonl(run / "metrics.jsonl")[0]["lr_scale"] == pytest.approx(lr_factor(5, 6, 5)) == 1.0
 
 
+def test_each_epochs_train_loss_is_the_mean_of_its_own_steps(tiny_shapes_dir, tmp_path, monkeypatch):
+    real_step, losses = train.train_step, []
+
+    def recorded_step(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(train, "train_step", recorded_step)
+    run = tmp_path / "run"
+    train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--epochs", "2"])
+    assert [row["train_loss"] for row in read_jsonl(run / "metrics.jsonl")] == \
+        pytest.approx([np.mean(losses[:6]), np.mean(losses[6:])])  # 180 training images: 6 steps of 32 an epoch
+
+
 def test_reloaded_checkpoint_reproduces_the_training_process_metrics(tiny_run, tmp_path):
     run, metrics = tiny_run
     out = tmp_path / "test.json"
