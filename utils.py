@@ -158,10 +158,6 @@ def provenance() -> dict:
     return info
 
 
-def human_count(n: float) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
-
-
 class HubError(RuntimeError):
     """Weights or files that could not come from the Hugging Face Hub."""
 
