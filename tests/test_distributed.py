@@ -154,18 +154,38 @@ def test_gradient_caching_in_training_mode_is_exact_with_frozen_batch_norm_stati
     assert_same_gradients(grads, cached)
 
 
-def torchrun(args):
+# train.py that also saves each rank's final weights, to compare them across ranks
+SAVE_WEIGHTS = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch, train
+models, step = [], train.train_step
+def spy(model, raw, *args, **kwargs):
+    models[:] = [raw]
+    return step(model, raw, *args, **kwargs)
+train.train_step = spy
+train.main(sys.argv[1:])
+torch.save({{k: v.detach() for k, v in models[0].named_parameters()}}, {out!r} + f"/rank{{os.environ['RANK']}}.pt")
+"""
+
+
+def torchrun(args, script="train.py"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "train.py", *args]
+           script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_process_training_completes_and_resumes(tiny_shapes_dir, tmp_path):
     run = tmp_path / "run"
     args = TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--device", "cpu", "--batch-size", "16"]
-    first = torchrun(args + ["--epochs", "1"])
+    script = tmp_path / "train_and_save_weights.py"
+    script.write_text(SAVE_WEIGHTS.format(repo=str(REPO), out=str(tmp_path)))
+    first = torchrun(args + ["--epochs", "1"], str(script))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    weights = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for name, value in weights[0].items():  # DDP averaged every step's gradients, so the ranks never drifted apart
+        assert torch.equal(weights[1][name], value), name
     history = read_jsonl(run / "metrics.jsonl")
     assert len(history) == 1  # only rank 0 writes
     # 180 train images / (2 ranks x 16) -> 5 full global batches + 20 left over, 10 per rank
