@@ -584,7 +584,7 @@ def main(argv=None) -> dict:
             results["rows"][tag] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:  # compiling included: what a time-limited run (a lent GPU) has to plan for
-            seconds = results.setdefault("section_seconds", {})[tag] = round(time.perf_counter() - start, 1)
+            seconds = results.setdefault("section_seconds", {})[tag] = round(time.perf_counter() - start, 3)
             print(f"[{tag}] {seconds:.0f} s", flush=True)
         for r in measured:
             results["rows"][r["name"]] = r
