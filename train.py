@@ -322,7 +322,7 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
                   f"val R@1/5/10 i2t {val['i2t_R@1']:.1f}/{val['i2t_R@5']:.1f}/{val['i2t_R@10']:.1f} "
                   f"t2i {val['t2i_R@1']:.1f}/{val['t2i_R@5']:.1f}/{val['t2i_R@10']:.1f}, {seconds:.0f} s")
         score = broadcast_object(metrics.get("val_mean_recall", -1.0), d)
-        best = score > state["best"]
+        best = score > state["best"]  # a tie keeps the earlier checkpoint: a later one is no better
         state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0, best=max(score, state["best"]))
         save(["last", "best"] if best else ["last"], metrics)
         last_metrics = metrics
