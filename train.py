@@ -35,6 +35,13 @@ from utils import (HubError, append_jsonl, atomic_write, pick_device, pick_preci
                    seed_everything, write_json)
 
 
+def differs(key: str, a, b) -> bool:
+    """Config values that differ; folders by where they lead, so "./data/shapes" is "data/shapes"."""
+    if key.endswith("_dir") and a and b:
+        return Path(a).resolve() != Path(b).resolve()
+    return a != b
+
+
 def resolve_config(argv) -> Config:
     """Flags over the preset over the defaults; with --resume, flags over the run's saved config."""
     parser = build_parser(__doc__)
@@ -49,7 +56,7 @@ def resolve_config(argv) -> Config:
             cfg = config_from_dict({**saved, **given})
             preset = getattr(args, "preset", None)  # the run's first command repeated with --resume is fine
             clashes = [f"--{flag(k)} {v!r} (the run has {getattr(cfg, k)!r})"
-                       for k, v in PRESETS.get(preset, {}).items() if k not in given and getattr(cfg, k) != v]
+                       for k, v in PRESETS.get(preset, {}).items() if k not in given and differs(k, getattr(cfg, k), v)]
             if clashes:
                 parser.error(f"--resume continues with {cfg.run_dir}/config.json, which --preset {preset} contradicts:"
                              f" it sets {', '.join(clashes)}. Leave --preset out, or give as flags what should change")

@@ -155,6 +155,21 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
         train.main(args + ["--overwrite", "--batch-size", "4096", "--compile"])
 
 
+def test_resume_with_the_runs_preset_matches_folders_by_where_they_lead(tmp_path, monkeypatch, capsys):
+    from config import PRESETS, save_config
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    for data_dir, ok in [("./data/shapes", True), (str(tmp_path / "data/shapes"), True), ("data/other", False)]:
+        save_config(Config(**{**PRESETS["shapes"], "data_dir": data_dir, "run_dir": "run"}), "run/config.json")
+        argv = ["--run-dir", "run", "--resume", "--preset", "shapes"]
+        if ok:
+            assert train.resolve_config(argv).data_dir == data_dir  # the run's own spelling is kept
+            continue
+        with pytest.raises(SystemExit):
+            train.resolve_config(argv)
+        assert "--data-dir 'data/shapes' (the run has 'data/other')" in capsys.readouterr().err
+
+
 def test_a_mid_epoch_checkpoint_resumes_only_with_the_settings_that_drew_its_epoch(tiny_shapes_dir, tmp_path,
                                                                                     monkeypatch):
     run = tmp_path / "run"
