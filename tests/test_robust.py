@@ -155,6 +155,22 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
         train.main(args + ["--overwrite", "--batch-size", "4096", "--compile"])
 
 
+def test_overwrite_clears_the_old_runs_outputs_and_keeps_other_files(tmp_path):
+    from distributed import Dist
+    run = tmp_path / "run"
+    (run / "checkpoints/step-1").mkdir(parents=True)
+    (run / "last").symlink_to("checkpoints/step-1")
+    (run / "best").symlink_to("checkpoints/step-1")
+    old = ["metrics.jsonl", "test_metrics.json", "curves.png"]
+    for name in old + ["notes.txt"]:
+        (run / name).write_text("old")
+    train.prepare_run_dir(run, tiny_config(overwrite=True), Dist())
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # nothing of the old run is left to mislead
+    (run / "curves.png").write_text("new run's")
+    train.prepare_run_dir(run, tiny_config(resume=True), Dist())
+    assert (run / "curves.png").read_text() == "new run's"
+
+
 def test_resume_with_the_runs_preset_matches_folders_by_where_they_lead(tmp_path, monkeypatch, capsys):
     from config import PRESETS, save_config
     monkeypatch.chdir(tmp_path)
