@@ -43,7 +43,7 @@ def test_split_is_deterministic_and_independent_of_listing_order():
 
 def test_the_default_split_barely_moves_when_images_come_and_go():
     """A checkpoint trained before images were removed or added must not meet its training images in the test split
-    after: each change moves at most two other images, one split along."""
+    after: each change moves at most two other images, one split along (three where the 5% count changes with it)."""
     names = [f"{i}.jpg" for i in range(3000)]  # 150 test, 150 val
     before = split_names(names, "nowhere")
     gone = set(np.random.default_rng(0).choice(names, 10, replace=False))

@@ -40,7 +40,7 @@ def test_the_packed_tower_gives_the_padded_towers_embeddings_and_gradients(model
     model = encoder(model_type, pooling)
     assert model.packed is not None
     ids, mask = captions([3, 16, 7, 1, 12, 5])  # a full row, a one-token row
-    index = index_of(mask, capacity=60)[0]  # 44 real tokens and 16 spare slots, whose results are never read
+    index = index_of(mask, capacity=60)[0]  # 44 real tokens and 20 spare slots, whose results are never read
     padded = model(ids, mask)
     packed = model(ids, mask, index)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)

@@ -99,7 +99,7 @@ def test_grid_texts_never_touch_each_other_or_the_pictures(pictures, tmp_path):
     neighbour's, and no text lies on a picture; for square pictures (the built-in set) as for wide ones."""
     square = tmp_path / "square.jpg"
     Image.open(pictures[0]).resize((400, 400)).save(square)
-    long = tmp_path / ("holiday photo from the beach at sunset with the whole family " * 4 + ".jpg")  # 252 bytes
+    long = tmp_path / ("holiday photo from the beach at sunset with the whole family " * 4 + ".jpg")  # 248 bytes
     long.write_bytes(square.read_bytes())  # no room to spare under a square picture
     for files in ([square] * 9, [long, long] + [square] * 4 + pictures[:3]):  # long names over square pictures
         hits = [hit(r + 1, r, str(f), 0.9 - 0.01 * r, r == 0) for r, f in enumerate(files)]
