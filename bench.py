@@ -5,7 +5,7 @@ ratios compare like with like.
     python bench.py --tiny              # toy sizes on the CPU in 1-2 minutes (the CI smoke test)
     python bench.py --json bench.json   # also write every number
     python bench.py --sweep             # also try variants of the compiled step (minutes each on a GPU)
-    python bench.py --sweep-only        # those variants alone
+    python bench.py --sweep-only        # those variants alone (and the stem timing, seconds)
     python bench.py --profile prof/     # also where each of our steps spends its time (tables, Chrome traces)
 
 (a) the popular tutorial's step: fp32, batch 32, its soft-target loss, default AdamW settings, reading the loss back
@@ -369,7 +369,7 @@ def bench_stem(sizes: Sizes, device, dtype, batch: int):
 # Variants of the compiled step worth measuring on each new card or torch release (python bench.py --sweep), at the
 # end-to-end section's batch and caption length:
 # (label, torch.compile mode, inductor settings, batch multiple, Config overrides).
-SWEEP = [  # the reference, then those not yet measured (BENCHMARKS.md); max-autotune last, as it compiles longest
+SWEEP = [  # the reference, those not yet measured (BENCHMARKS.md), those measured; the tuning ones last (slow compiles)
     ("default mode", "default", {}, 1, {}),
     # both changes of kernels only (the same results): the candidates for new defaults
     ("1x1 convolutions as matmuls + stem padded to 4 channels", "default", {"conv_1x1_as_mm": True}, 1,
@@ -529,8 +529,8 @@ def main(argv=None) -> dict:
                    "after timing it: top kernels and a Chrome trace per step, in this folder")
     p.add_argument("--sweep", action="store_true", help="also time variants of the compiled step (CUDA graphs, "
                    "inductor settings, batch size), several minutes each on a GPU")
-    p.add_argument("--sweep-only", action="store_true", help="the sweep alone, its reference variant first (for a "
-                   "second, shorter call on a lent GPU)")
+    p.add_argument("--sweep-only", action="store_true", help="the sweep alone (after the stem timing, seconds), its "
+                   "reference variant first (for a second, shorter call on a lent GPU)")
     args = p.parse_args(argv)
     sizes = TINY if args.tiny else FULL
     device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
