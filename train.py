@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 8 train.py --data-dir data/flickr30k --run-dir runs/ddp  # many GPUs
 
 Every Config field is a flag (`python train.py --help`). RUN/ gets config.json, env.json (code and library versions),
-metrics.jsonl (one line per epoch), curves.png (redrawn every epoch), test_metrics.json, and the `last` and `best`
-checkpoints (see checkpoint.py).
+splits.json (the images of each split), metrics.jsonl (one line per epoch), curves.png (redrawn every epoch),
+test_metrics.json, and the `last` and `best` checkpoints (see checkpoint.py).
 """
 
 import itertools
@@ -103,7 +103,7 @@ def find_run_dir(cfg: Config, d: Dist) -> Path:
     """The run directory, checked but not touched: an existing run needs --resume or --overwrite."""
     run_dir = Path(broadcast_object(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"), d))
     if d.main:
-        # a run stopped before its first checkpoint left only config.json and env.json: nothing to lose there
+        # a run stopped before its first checkpoint left only config.json, env.json and splits.json: nothing to lose
         has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
         if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
             raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
