@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test data results bench clean gpu-wheels
+.PHONY: venv demo test data results clean gpu-wheels
 
 venv: $(VENV)/.installed
 

@@ -77,13 +77,13 @@ def test_the_held_out_loss_pairs_each_image_with_its_jth_caption_in_turn():
     assert paired_loss(images, texts, split, scale, 4) == pytest.approx(by_hand.item(), rel=1e-6)
 
 
-def test_mean_recall_averages_all_six_recalls():
+def test_mean_recall_averages_every_recall_of_both_directions():
     images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
     captions = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
     m = retrieval_metrics(images, captions, torch.tensor([0, 1, 1]), ks=(1, 2))
-    six = [m[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 2)]
-    assert len(set(six)) > 1  # the directions differ here, so leaving one out would show
-    assert m["mean_recall"] == pytest.approx(sum(six) / 4)
+    recalls = [m[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 2)]  # six with the default ks=(1, 5, 10)
+    assert len(set(recalls)) > 1  # the directions differ here, so leaving one out would show
+    assert m["mean_recall"] == pytest.approx(sum(recalls) / 4)
 
 
 def test_the_held_out_loss_covers_every_caption_of_images_with_uneven_counts():
