@@ -19,7 +19,7 @@ from clip import clip_loss
 from dataset import (RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, legacy_train_names, read_json_file,
                      text_batch, trained_images)
 from images import Pixels
-from utils import autocast, inference_precision, pick_device, trained_data_dir, write_json
+from utils import autocast, checkpoint_data_dir, inference_precision, pick_device, trained_data_dir, write_json
 
 KS = (1, 5, 10)
 
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
         checkpoint = locate(args.checkpoint)  # the folder used, as named: the title says which
         model, cfg, tokenizer = load_model(checkpoint, device)
         dtype = inference_precision(cfg.precision, device)
-        data = CaptionData(args.data_dir or trained_data_dir(cfg.data_dir))
+        data = CaptionData(args.data_dir or checkpoint_data_dir(cfg.data_dir))
         pixels = Pixels.for_encoder(model.image_encoder.data_config, cfg.image_size, cfg.channels_last)
         data.open_images(pixels.square, args.image_cache, args.num_workers)
         data.tokenize(tokenizer, cfg.max_length)

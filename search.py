@@ -35,7 +35,7 @@ from dataset import IMAGE_EXTS, CaptionData
 from evaluate import embed_images, embed_texts, warn_if_seen
 from images import Pixels, check_image, fingerprint, full_boxes, to_square
 from plots import curves_figure, image_to_text_figure, read_metrics, save_figure, text_to_image_figure
-from utils import REPO_DIR, autocast, inference_precision, pick_device, trained_data_dir
+from utils import REPO_DIR, autocast, checkpoint_data_dir, inference_precision, pick_device
 
 INDEX_VERSION = 1  # bump when the index layout changes: older files are then rebuilt
 STALE_TMP_SECONDS = 3600  # a temporary index file older than this was left by a killed search
@@ -184,7 +184,7 @@ def _source(file: Path) -> str:
 
 def dataset_index(s: Searcher, data_dir=None, split: str = "test", verbose: bool = True) -> Index:
     """A data split's images and captions (default: the test split of the checkpoint's own data folder)."""
-    data = CaptionData(data_dir or trained_data_dir(s.cfg.data_dir), verbose=verbose)
+    data = CaptionData(data_dir or checkpoint_data_dir(s.cfg.data_dir), verbose=verbose)
     if split not in data.splits:
         raise ValueError(f"no split {split!r} in {data.data_dir}; choose one of {sorted(data.splits)}")
     if verbose:

@@ -64,6 +64,17 @@ def trained_data_dir(data_dir: str) -> Path:
     return path
 
 
+def checkpoint_data_dir(data_dir: str) -> Path:
+    """trained_data_dir where that folder is still there; else an error naming the way out, not one that says how
+    to download a data set the user never asked for."""
+    path = trained_data_dir(data_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"the checkpoint was trained on the data folder {data_dir}, which is not there any "
+                                f"more (moved, renamed, or another machine?); name where it is now with --data-dir "
+                                f"(the notebook's data_dir)")
+    return path
+
+
 def inference_precision(precision: str, device: torch.device) -> torch.dtype:
     """The training run's precision where this device has it, else the device's default: a checkpoint trained in
     fp16 on a GPU still evaluates and searches on a CPU."""

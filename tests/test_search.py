@@ -402,3 +402,18 @@ def test_an_image_named_through_a_link_marks_its_own_captions(searcher, index, t
     link.symlink_to(index.paths[3])
     hits = search.search_image(searcher, index, str(link), k=len(index.captions))
     assert sum(h.match for h in hits) == int((index.caption_image == 3).sum()) == 5
+
+
+def test_a_data_folder_moved_since_training_is_named_with_the_flag_to_find_it(run, tmp_path, capsys):
+    """The checkpoint's data folder is gone (moved, renamed): evaluate.py and search.py say so and name --data-dir,
+    rather than suggest downloading Flickr30k or drawing the shapes set into it."""
+    moved = shutil.copytree(run / "best", tmp_path / "best", ignore=shutil.ignore_patterns("index-*"))
+    info = json.loads((moved / "checkpoint.json").read_text())
+    info["config"]["data_dir"] = str(tmp_path / "gone")
+    (moved / "checkpoint.json").write_text(json.dumps(info))
+    for main in (evaluate.main, search.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(moved), "--device", "cpu"] + (["--text", "x"] if main is search.main else []))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"trained on the data folder {tmp_path / 'gone'}, which is not there" in err
+        assert "--data-dir" in err and "download.py" not in err
