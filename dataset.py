@@ -321,13 +321,15 @@ class CaptionData:
                 by_image.setdefault(image, []).append(caption)
         if not by_image:
             raise ValueError(f"{data_dir}: no captioned image found on disk ({len(rows)} caption rows, "
-                             f"{len(missing)} naming images that are not in {self.image_dir})")
+                             f"{len(missing)} naming images that are not in {self.image_dir}, e.g. "
+                             f"{sorted(missing)[:3]}: each caption row names a file directly inside that folder)")
         if verbose and (self.report.repaired_rows or self.report.dropped_rows or self.report.duplicate_rows):
             print(f"{self.data_dir}: the caption file had {self.report.summary()} (see prepare_report.json after "
                   f"`python download.py --prepare {self.data_dir}`)")
         if verbose and (missing or bad):
-            print(f"{self.data_dir}: skipping {len(missing)} captioned images missing on disk and {len(bad)} "
-                  f"listed as bad in prepare_report.json")
+            print(f"{self.data_dir}: skipping {len(missing)} captioned images missing on disk"
+                  + (f" (e.g. {sorted(missing)[:3]})" if missing else "")
+                  + f" and {len(bad)} listed as bad in prepare_report.json")
         # splits are drawn over every captioned image on disk, then broken ones are dropped where they fall, so one
         # bad file does not reshuffle everybody else's split
         splits = split_names(sorted(by_image), data_dir)

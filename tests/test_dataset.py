@@ -269,6 +269,18 @@ def test_captions_of_images_missing_on_disk_never_reach_a_split(tmp_path):
     assert all("ghost.jpg" not in s.images for s in data.splits.values())
 
 
+def test_captioned_images_missing_on_disk_are_named(tmp_path, capsys):
+    """Training says which names it could not find (a caption file written with `images/` in front of each name, or
+    full paths, finds none), not only how many."""
+    rows = "".join(f"{i}.jpg| 0| picture {i}\n" for i in range(30)) + "ghost.jpg| 0| a ghost\n"
+    CaptionData(caption_folder(tmp_path / "a", "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)]))
+    assert "skipping 1 captioned images missing on disk (e.g. ['ghost.jpg'])" in capsys.readouterr().out
+    rows = "".join(f"images/{i}.jpg| 0| picture {i}\n" for i in range(30))
+    folder = caption_folder(tmp_path / "b", "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)])
+    with pytest.raises(ValueError, match=r"30 naming images that are not in .*, e.g. \['images/0.jpg', "):
+        CaptionData(folder)
+
+
 def test_tokenize_pads_every_split_to_max_length_so_fixed_length_batches_have_it(tmp_path):
     rows = "".join(f"{i}.jpg| 0| a red circle number {i}\n" for i in range(30))
     data = CaptionData(caption_folder(tmp_path, "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)]),
