@@ -58,8 +58,12 @@ def find_layout(data_dir) -> tuple[Path, Path]:
     captions = next((root / n for n in CAPTION_FILES if (root / n).is_file()), None)
     images = next((root / n for n in IMAGE_DIRS if (root / n).is_dir()), None)
     if captions is None or images is None:
-        raise FileNotFoundError(f"{root} needs a caption file (one of {CAPTION_FILES}) and an image folder (one of "
-                                f"{IMAGE_DIRS}); found {sorted(p.name for p in root.iterdir())[:10]}")
+        lacks = ([f"a caption file (one of {CAPTION_FILES})"] if captions is None else []) + \
+            ([f"an image folder (one of {IMAGE_DIRS})"] if images is None else [])
+        loose = sum(p.suffix.lower() in IMAGE_EXTS for p in root.iterdir())  # pictures beside the caption file
+        hint = f"; move its {loose} image files into {root / 'images'}" if images is None and loose else ""
+        raise FileNotFoundError(f"{root} needs {' and '.join(lacks)}{hint}; found "
+                                f"{sorted(p.name for p in root.iterdir())[:10]}")
     return captions, images
 
 

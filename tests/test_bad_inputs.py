@@ -220,6 +220,21 @@ def test_captions_for_missing_images_and_images_without_captions_are_reported(tm
     assert report["images_without_captions"] == ["7.jpg"] and report["images"] == 7
 
 
+def test_images_lying_beside_the_caption_file_are_told_to_move_into_images(tmp_path):
+    """A folder of pictures with captions.csv among them: the error says the image folder is what is missing (the
+    caption file was found), and where the pictures must go; a listing of the first ten pictures alone said neither."""
+    for i in range(12):
+        save(tmp_path / "mine" / f"{i:02d}.jpg", noise(seed=i))
+    (tmp_path / "mine" / "captions.csv").write_text("image,caption\n00.jpg,a picture\n")
+    with pytest.raises(FileNotFoundError) as e:
+        CaptionData(tmp_path / "mine")
+    assert "needs an image folder (one of ['images'," in str(e.value) and "caption file" not in str(e.value)
+    assert f"move its 12 image files into {tmp_path / 'mine' / 'images'}" in str(e.value)
+    (tmp_path / "mine" / "captions.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"needs a caption file \(one of .*\) and an image folder"):
+        CaptionData(tmp_path / "mine")
+
+
 # --- split files ---
 
 def test_split_file_with_an_image_in_two_splits_is_refused(tmp_path):
