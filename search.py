@@ -241,6 +241,10 @@ def folder_index(s: Searcher, folder, verbose: bool = True) -> Index:
         _write_index(index, stamp)
     elif verbose:
         print(f"reusing the index of {source}: {file}")
+        kept = set(index.paths)
+        if skipped := [p for p in listed if p not in kept]:  # said when it was built; still true
+            print(f"skipping {len(skipped)} files that are not readable images (found when it was built), e.g. "
+                  + "; ".join(skipped[:5]))
     index.source = f"{len(index.paths)} images in {folder}"  # the readable ones
     return index
 

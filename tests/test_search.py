@@ -188,6 +188,8 @@ def test_a_folder_of_your_own_images(searcher, index, tmp_path, capsys):
     assert torch.allclose(built.image_emb[:4], index.image_emb[:4], atol=1e-4)  # same pixels, same embeddings
 
     assert not search.folder_index(searcher, folder).built
+    assert f"skipping 1 files that are not readable images (found when it was built), e.g. {folder / 'broken.jpg'}" \
+        in capsys.readouterr().out  # a search that reuses the index says so too
     shutil.copy(index.paths[6], folder / "holiday" / "new.jpg")
     grown = search.folder_index(searcher, folder)
     assert grown.built and len(grown.paths) == 6
