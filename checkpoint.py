@@ -17,6 +17,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def locate(path) -> Path:
         # not silently `last` instead: it was saved mid-epoch and never validated, so it is not what "the run" means
         raise FileNotFoundError(f"{path} has no `best` checkpoint yet: the run stopped before the end of its first "
                                 f"epoch. Its latest, saved mid-epoch, is {path / 'last'}: pass that to use it, or "
-                                f"finish training with `python train.py --run-dir {path} --resume`")
+                                f"finish training with `python train.py --run-dir {quote(str(path))} --resume`")
     raise FileNotFoundError(f"{path} is not a checkpoint (no checkpoint.json); pass a run's `best` or `last` folder, "
                             f"e.g. runs/shapes/best")
 

@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from shlex import quote
 
 import numpy as np
 import torch
@@ -50,11 +51,12 @@ def find_layout(data_dir) -> tuple[Path, Path]:
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist; create it with `python download.py` "
-                                f"(Flickr30k) or `python download.py --dataset shapes --out {root}` (built-in set)")
+                                f"(Flickr30k) or `python download.py --dataset shapes --out {quote(str(root))}` "
+                                f"(built-in set)")
     if not any(root.iterdir()):
         raise FileNotFoundError(f"data folder {root} is empty (a download that did not finish?); fill it with "
-                                f"`python download.py --out {root}` (Flickr30k) or `python download.py --dataset "
-                                f"shapes --out {root}` (built-in set)")
+                                f"`python download.py --out {quote(str(root))}` (Flickr30k) or `python download.py "
+                                f"--dataset shapes --out {quote(str(root))}` (built-in set)")
     captions = next((root / n for n in CAPTION_FILES if (root / n).is_file()), None)
     images = next((root / n for n in IMAGE_DIRS if (root / n).is_dir()), None)
     if captions is None or images is None:
@@ -303,7 +305,7 @@ def bad_images_from_report(data_dir) -> set[str]:
     report = Path(data_dir) / "prepare_report.json"
     if not report.exists():
         return set()
-    found = read_json_file(report, f"rerun `python download.py --prepare {data_dir}`")
+    found = read_json_file(report, f"rerun `python download.py --prepare {quote(str(data_dir))}`")
     return {Path(name).name for name in found.get("bad_images", [])}
 
 
@@ -329,7 +331,7 @@ class CaptionData:
                              f"{sorted(missing)[:3]}: each caption row names a file directly inside that folder)")
         if verbose and (self.report.repaired_rows or self.report.dropped_rows or self.report.duplicate_rows):
             print(f"{self.data_dir}: the caption file had {self.report.summary()} (see prepare_report.json after "
-                  f"`python download.py --prepare {self.data_dir}`)")
+                  f"`python download.py --prepare {quote(str(self.data_dir))}`)")
         if verbose and (missing or bad):
             print(f"{self.data_dir}: skipping {len(missing)} captioned images missing on disk"
                   + (f" (e.g. {sorted(missing)[:3]})" if missing else "")
@@ -383,7 +385,7 @@ class CaptionData:
         if failed:
             failed = {Path(p).name for p in failed}
             print(f"{self.data_dir}: skipping {len(failed)} images that failed to decode, e.g. {sorted(failed)[:3]} "
-                  f"(`python download.py --prepare {self.data_dir}` lists them all)")
+                  f"(`python download.py --prepare {quote(str(self.data_dir))}` lists them all)")
             # drop them where they are: every other image keeps its split
             self._set_splits({name: [n for n in split.images if n not in failed]
                               for name, split in self.splits.items()}, "missing, listed as bad or undecodable")

@@ -9,6 +9,7 @@ Recall is in percent.
 
 import argparse
 import sys
+from shlex import quote
 
 import numpy as np
 import torch
@@ -147,7 +148,8 @@ def warn_if_seen(checkpoint, data: CaptionData, split: str) -> int | None:
         elif set(read_json_file(record, "")[split]) & set(trained_images(record)):
             fix = f"its data changed while it trained, so even its own {split} split holds them: retrain to measure it"
         else:
-            fix = f"`python download.py --prepare {data.data_dir} --split-file {record}` brings back its split"
+            fix = (f"`python download.py --prepare {quote(str(data.data_dir))} --split-file "
+                   f"{quote(str(record))}` brings back its split")
         print(f"WARNING: {len(seen)} of the {len(data.splits[split])} {split} images (e.g. {seen[:3]}) were training "
               f"images of checkpoint {checkpoint}, so recall on them overstates the model; {fix}", file=sys.stderr)
     return None if seen is None else len(seen)

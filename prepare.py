@@ -19,6 +19,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from shlex import quote
 
 from tqdm import tqdm
 
@@ -87,12 +88,13 @@ def download_zip(spec: DatasetSpec, out: Path, connect) -> Path:
             raise PrepareError(f"could not download {spec.slug} from Kaggle: {type(e).__name__}: {e}\n"
                                f"Check your connection and that you can open {spec.url} while logged in; or "
                                f"download the zip there by hand and run `python download.py --dataset {spec.name} "
-                               f"--zip PATH --out {out}`") from None
+                               f"--zip PATH --out {quote(str(out))}`") from None
         if zip_is_complete(path):
             return path
         print(f"{path} is not a complete zip after downloading; downloading it again from the start")
     raise PrepareError(f"{path} is still not a complete zip after downloading it twice; download it by hand from "
-                       f"{spec.url} and run `python download.py --dataset {spec.name} --zip PATH --out {out}`")
+                       f"{spec.url} and run `python download.py --dataset {spec.name} --zip PATH --out "
+                       f"{quote(str(out))}`")
 
 
 def depth(name: str) -> int:
@@ -282,7 +284,8 @@ def count_mismatches(spec: DatasetSpec | None, image_files: int, caption_rows: i
         return []
     found = {"images": (image_files, spec.images), "captions": (caption_rows, spec.captions)}
     return [f"expected {want:,} {what} for {spec.name} ({spec.url}), found {got:,}; if {data_dir} holds data of "
-            f"your own, not {spec.name}, `python download.py --prepare {data_dir}` (no --dataset) checks no counts"
+            f"your own, not {spec.name}, `python download.py --prepare {quote(str(data_dir))}` (no --dataset) checks "
+            f"no counts"
             for what, (got, want) in found.items() if got != want]
 
 

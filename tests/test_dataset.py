@@ -281,6 +281,16 @@ def test_captioned_images_missing_on_disk_are_named(tmp_path, capsys):
         CaptionData(folder)
 
 
+def test_commands_suggested_for_a_folder_with_a_space_in_its_path_can_be_pasted(tmp_path, capsys):
+    rows = "".join(f"{i}.jpg| 0| picture {i}\n" for i in range(30)) + "0.jpg| 1| \n"  # an empty caption: reported
+    folder = caption_folder(tmp_path / "my photos", "results.csv", HEADER + rows.encode(),
+                            [f"{i}.jpg" for i in range(30)])
+    CaptionData(folder)
+    assert f"`python download.py --prepare '{folder}'`" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match=f"`python download.py --dataset shapes --out '{tmp_path}/no such'`"):
+        CaptionData(tmp_path / "no such")
+
+
 def test_tokenize_pads_every_split_to_max_length_so_fixed_length_batches_have_it(tmp_path):
     rows = "".join(f"{i}.jpg| 0| a red circle number {i}\n" for i in range(30))
     data = CaptionData(caption_folder(tmp_path, "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)]),
