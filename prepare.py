@@ -302,7 +302,7 @@ def spelling(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def missing_image(image: str, image_dir: Path, spellings: dict[str, str]) -> str:
+def missing_image(image: str, image_dir: Path, spellings: dict[str, str], cases: dict[str, str]) -> str:
     """Why a caption row's image is not among the images, as precisely as the folder allows."""
     if "/" in image and (image_dir / image).is_file():
         return f"{image} is in a subfolder; images must lie directly in {image_dir.name}/ (no subfolders)"
@@ -313,6 +313,10 @@ def missing_image(image: str, image_dir: Path, spellings: dict[str, str]) -> str
     if other is not None:
         return (f"no image {image} in {image_dir.name}/, but there is {other!r}: the same name in another Unicode "
                 f"form (NFC vs NFD, as in zips made on a Mac); rename the file or fix the caption file to match")
+    other = cases.get(spelling(image).casefold())  # a caption file made where names ignore case (Windows, macOS)
+    if other is not None:
+        return (f"no image {image} in {image_dir.name}/, but there is {other!r}: file names differ in upper and lower "
+                f"case here; rename the file or fix the caption file to match")
     return f"no image {image} in {image_dir.name}/"
 
 
@@ -323,10 +327,11 @@ def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Pat
     caption_rows = len(rows) + len(parsed.duplicate_rows) + len(parsed.dropped_rows)  # every row of the file
     on_disk = {p.name for p in image_files}
     spellings = {spelling(name): name for name in on_disk}
+    cases = {spelling(name).casefold(): name for name in on_disk}
     captions, captioned = Counter(), set()
     for line, image, _ in rows:
         if image not in on_disk:
-            parsed.dropped_rows.append({"line": line, "reason": missing_image(image, image_dir, spellings),
+            parsed.dropped_rows.append({"line": line, "reason": missing_image(image, image_dir, spellings, cases),
                                         "file": caption_file.name})
             continue
         captioned.add(image)

@@ -309,6 +309,14 @@ def test_image_name_in_another_unicode_form_names_both_spellings(tmp_path):
     assert (folder / "images" / nfd).exists() and not (folder / "images" / nfc).exists()  # nothing renamed
 
 
+def test_image_name_in_another_case_names_both_spellings(tmp_path):
+    names = [f"{i}.jpg" for i in range(30)]
+    folder = caption_folder(tmp_path, "captions.csv", ("image,caption\n" + "".join(
+        f"{n},picture {n}\n" for n in [*names, "IMG_1.jpg"])).encode(), images=[*names, "IMG_1.JPG"])  # from Windows
+    reason = prepare(folder, workers=1)["dropped_rows"][0]["reason"]
+    assert "no image IMG_1.jpg in images/, but there is 'IMG_1.JPG': file names differ in upper and lower" in reason
+
+
 def test_caption_rows_count_the_rows_dropped_while_parsing(tmp_path):
     names = [f"{i}.jpg" for i in range(30)]
     folder = caption_folder(tmp_path, "results.csv", HEADER + "".join(
