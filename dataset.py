@@ -124,13 +124,40 @@ def parse_pipe_rows(lines: list[str], report: ParseReport, source: str) -> list[
 
 
 SEPARATORS = {";": "semicolons (';')", "\t": "tabs", "|": "'|'"}  # what an `image,caption` file may hold instead
+CAPTION_LINES = 5  # a quoted caption may hold line breaks (typed into a spreadsheet cell), over at most this many lines
+
+
+def join_broken_captions(lines: list[str], i_img: int, report: ParseReport, source: str) -> list[tuple[int, str]]:
+    """(line, row) for each line after the header, where a quote opened on one line and closed on one of the next few
+    joins those lines into one row. A quote that does not close, or a line between that starts a row of its own (an
+    image name in its column), leaves the lines as they are: a stray quote never swallows the rows after it."""
+    def starts_row(line):
+        fields = next(csv.reader([line]), [])
+        return len(fields) > i_img and is_image_name(fields[i_img])
+
+    out, i = [], 1
+    while i < len(lines):
+        end = i + 1
+        if lines[i].count('"') % 2:
+            for j in range(i + 1, min(i + CAPTION_LINES, len(lines))):
+                if starts_row(lines[j]):
+                    break
+                if lines[j].count('"') % 2:
+                    end = j + 1
+                    report.repaired_rows.append({"line": i + 1, "fix": f"a quoted caption over lines {i + 1}-{end}, "
+                                                 f"joined", "file": source})
+                    break
+        out.append((i + 1, " ".join(line for line in lines[i:end] if line.strip())))
+        i = end
+    return out
 
 
 def parse_csv_rows(lines: list[str], report: ParseReport, source: str) -> list[tuple[int, str, str]]:
     """`image,caption` rows (Flickr8k's captions.txt, bring-your-own captions.csv) -> (line, image, caption).
 
-    Quoted fields are allowed; each line is one row, so a stray quote cannot swallow the lines after it. Extra
-    columns are allowed; an unquoted comma inside a caption is glued back; a row that lost its comma is repaired."""
+    Quoted fields are allowed, a quoted caption over a few lines too; a stray quote cannot swallow the lines after it.
+    Extra columns are allowed; an unquoted comma inside a caption is glued back; a row that lost its comma is
+    repaired."""
     header = [h.strip().lower() for h in next(csv.reader([lines[0]]))] if lines else []
     if "image" not in header or "caption" not in header:
         if not lines:
@@ -145,7 +172,7 @@ def parse_csv_rows(lines: list[str], report: ParseReport, source: str) -> list[t
                          f"got {lines[0][:80]!r}")
     i_img, i_cap = header.index("image"), header.index("caption")
     rows = []
-    for number, line in enumerate(lines[1:], start=2):
+    for number, line in join_broken_captions(lines, i_img, report, source):
         if not line.strip():
             continue
         fields = next(csv.reader([line]))

@@ -200,6 +200,20 @@ def test_csv_columns_commas_and_stray_quotes(tmp_path):
     assert [r["line"] for r in report.dropped_rows] == [4]
 
 
+def test_a_quoted_caption_over_several_lines_is_joined_and_reported(tmp_path):
+    """A line break typed into a spreadsheet cell: the caption is kept whole, not cut at the break (the rest of it
+    dropped as a row of too few columns)."""
+    folder = caption_folder(tmp_path, "captions.csv", b'image,caption\r\n'
+                            b'a.jpg,"A dog on a beach,\nrunning\n\nafter a ball"\r\n'
+                            b'b.jpg,A 5" screen\r\n'  # one quote, and the next line is a row: nothing joined
+                            b"c.jpg,A cat\r\n")
+    rows, report = read_captions(folder)
+    assert rows == [(2, "a.jpg", "A dog on a beach, running after a ball"), (6, "b.jpg", 'A 5" screen'),
+                    (7, "c.jpg", "A cat")]
+    assert [(r["line"], r["fix"]) for r in report.repaired_rows] == [(2, "a quoted caption over lines 2-5, joined")]
+    assert report.dropped_rows == []
+
+
 @pytest.mark.parametrize("separator, named", [(";", "semicolons (';')"), ("\t", "tabs")])
 def test_csv_with_another_separator_says_the_columns_need_commas(tmp_path, separator, named):
     folder = caption_folder(tmp_path, "captions.csv", f"image{separator}caption\na.jpg{separator}A cat\n".encode(),
