@@ -351,8 +351,8 @@ def build_report(data_dir: Path, spec: DatasetSpec | None, image_files: list[Pat
         "images": len(captions), "captions": sum(captions.values()),  # usable: decodable, captioned, on disk
         "image_files": len(image_files), "caption_rows": caption_rows,  # found
         "warnings": warnings,
-        "repaired_rows": parsed.repaired_rows, "dropped_rows": parsed.dropped_rows,
-        "duplicate_rows": parsed.duplicate_rows,
+        **{k: sorted(getattr(parsed, k), key=lambda r: r["line"])  # in file order, whichever check found them
+           for k in ("repaired_rows", "dropped_rows", "duplicate_rows")},
         "bad_images": sorted(bad), "bad_image_reasons": bad,
         "images_without_captions": sorted(on_disk - {image for _, image, _ in rows} - set(bad)),
         "splits": splits, "images_in_no_split": in_no_split,

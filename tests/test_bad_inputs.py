@@ -312,6 +312,15 @@ def test_captions_naming_images_in_subfolders_say_images_lie_directly_in_the_fol
         prepare(folder)
 
 
+def test_the_report_lists_rows_in_file_order_whichever_check_found_them(tmp_path):
+    # line 2 is dropped when the images are matched, line 3 while parsing, which comes first
+    folder = caption_folder(tmp_path, "captions.csv", b"image,caption\nnone.jpg,a cat\n0.jpg,\n0.jpg,a dog\n",
+                            images=["0.jpg"])
+    assert download.main(["--prepare", str(folder), "--workers", "1"]) == 0
+    report = json.loads((folder / "prepare_report.json").read_text())
+    assert [r["line"] for r in report["dropped_rows"]] == [2, 3]
+
+
 def test_image_name_in_another_unicode_form_names_both_spellings(tmp_path):
     nfc, nfd = unicodedata.normalize("NFC", "café.jpg"), unicodedata.normalize("NFD", "café.jpg")
     names = [f"{i}.jpg" for i in range(30)]
