@@ -17,7 +17,8 @@ ratios compare like with like.
     torch.compile, and eager with a padded text tower; with --sweep also the compiled step's variants (CUDA graphs,
     inductor settings, a bigger batch, padded text)
 (d) this project's whole training loop on the built-in set drawn at Flickr's size (500x375 JPEGs): the image cache,
-    data-loader workers, device-side augmentation, the step
+    data-loader workers, device-side augmentation, the step; compiled, then once more with the candidates for new
+    defaults (CANDIDATES), then eager
 (e) the input pipeline alone, in images/s: cache vs decoding JPEGs
 (f) evaluation: embed 1,000 images and 5,000 captions and compute recall
 (g) checkpoint: how long the loop waits for a save, written in place vs by the background writer
@@ -369,11 +370,13 @@ def bench_stem(sizes: Sizes, device, dtype, batch: int):
 # Variants of the compiled step worth measuring on each new card or torch release (python bench.py --sweep), at the
 # end-to-end section's batch and caption length:
 # (label, torch.compile mode, inductor settings, batch multiple, Config overrides).
+# The candidates for new defaults: changes of kernels only (the same results), not yet measured (BENCHMARKS.md);
+# the end-to-end section times them too. (label, inductor settings, Config overrides)
+CANDIDATES = ("1x1 convolutions as matmuls + stem padded to 4 channels", {"conv_1x1_as_mm": True},
+              {"image_stem_channels": 4})
 SWEEP = [  # the reference, those not yet measured (BENCHMARKS.md), those measured; the tuning ones last (slow compiles)
     ("default mode", "default", {}, 1, {}),
-    # both changes of kernels only (the same results): the candidates for new defaults
-    ("1x1 convolutions as matmuls + stem padded to 4 channels", "default", {"conv_1x1_as_mm": True}, 1,
-     {"image_stem_channels": 4}),
+    (CANDIDATES[0], "default", CANDIDATES[1], 1, CANDIDATES[2]),
     ("frozen batch-norm statistics", "default", {}, 1, {"image_freeze_bn_stats": True}),
     ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1, {}),
     ("stem padded to 4 channels", "default", {}, 1, {"image_stem_channels": 4}),
@@ -408,11 +411,13 @@ def open_data(folder: Path, square: int, cache: str, sizes: Sizes, max_length: i
     return data, tokenizer
 
 
-def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, tokens: int, compile_: bool):
+def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, tokens: int, compile_: bool,
+                     inductor: dict | None = None, overrides: dict | None = None, label: str = ""):
     """The training loop's work per step, real data included, and the same steps on one batch already on the
     device (augmentation still included): the difference is what loading and the host-to-device copy cost.
-    Every batch is padded to `tokens`, as wide as the synthetic ones and the FLOP count."""
-    cfg = our_config(sizes, batch, compile_, tokens)
+    Every batch is padded to `tokens`, as wide as the synthetic ones and the FLOP count. `inductor` and `overrides`
+    as in bench_ours."""
+    cfg = our_config(sizes, batch, compile_, tokens, **(overrides or {}))
     raw, model, optimizer, scaler = our_model(cfg, sizes, device, dtype)
     pixels = Pixels.for_encoder(raw.image_encoder.data_config, cfg.image_size, cfg.channels_last)
     data, tokenizer = open_data(folder, pixels.square, "on", sizes, tokens)
@@ -428,12 +433,16 @@ def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, toke
         text = {k: b[k].to(device, non_blocking=True) for k in TEXT_KEYS}
         train_step(model, raw, optimizer, scaler, images, text, cfg, Dist(), device, dtype, 1.0)
 
-    kind = f"{'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens"
+    kind = f"{'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens{label}"
     flops = our_flops(raw, pixels(resident["pixels"], resident["boxes"], device), resident, device, dtype)
-    on_device = throughput(lambda: step(resident), batch, sizes, device)  # its warm-up also compiles
-    # the loader starts only now, so that nothing it read ahead during compilation is timed
-    stream = iter(batch_loader(batches, indices, sizes.workers, device.type == "cuda"))
-    loaded = loader_throughput(step, batch, sizes, device)
+    try:
+        with torch._inductor.config.patch(inductor or {}):
+            on_device = throughput(lambda: step(resident), batch, sizes, device)  # its warm-up also compiles
+            # the loader starts only now, so that nothing it read ahead during compilation is timed
+            stream = iter(batch_loader(batches, indices, sizes.workers, device.type == "cuda"))
+            loaded = loader_throughput(step, batch, sizes, device)
+    finally:
+        torch._dynamo.reset()
     return [row("d", f"ours, end to end, {kind}", loaded, flops, batch),
             row("d", f"ours, same steps, one batch already on the device, {kind}", on_device, flops, batch)]
 
@@ -550,15 +559,17 @@ def main(argv=None) -> dict:
         ("tutorial", lambda: bench_tutorial(sizes, device)),
         ("open_clip", lambda: bench_open_clip(sizes, device, dtype)),
         ("eager", lambda: bench_ours(sizes, device, dtype, S, T, False, profile_dir=args.profile)),
-        ("eager_padded", lambda: bench_ours(sizes, device, dtype, S, T, False, overrides={"pack_text": False},
-                                            label=", text padded (no packing)")),
         ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True, profile_dir=args.profile)),
         ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, T, True)),
+        ("e2e_candidates", lambda: bench_end_to_end(sizes, device, dtype, folder, B, T, True, CANDIDATES[1],
+                                                    CANDIDATES[2], f", {CANDIDATES[0]}")),
         ("pipeline", lambda: [bench_pipeline(sizes, device, folder, cache, S) for cache in ("on", "off")]),
         ("eval", lambda: [bench_eval(sizes, device, dtype, folder)]),
         ("checkpoint", lambda: [bench_checkpoint(sizes, device, dtype, Path(args.data_root))]),
         ("stem", lambda: bench_stem(sizes, device, dtype, B)),  # seconds: no compiling
         ("tutorial_strict_fp32", lambda: bench_tutorial(sizes, device, ", TF32 off for convolutions too")),
+        ("eager_padded", lambda: bench_ours(sizes, device, dtype, S, T, False, overrides={"pack_text": False},
+                                            label=", text padded (no packing)")),
         ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
     ]
     if args.sweep_only:

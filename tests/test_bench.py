@@ -28,9 +28,9 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
     assert rows[eager]["gflop_per_sample"] < rows[eager + ", text padded (no packing)"]["gflop_per_sample"]
     written = json.loads((tmp_path / "b.json").read_text())
     assert written["rows"].keys() == rows.keys()
-    assert list(written["section_seconds"]) == ["tutorial", "open_clip", "eager", "eager_padded", "compile", "e2e",
-                                                "pipeline", "eval", "checkpoint", "stem",
-                                                "tutorial_strict_fp32", "e2e_eager"]
+    assert list(written["section_seconds"]) == ["tutorial", "open_clip", "eager", "compile", "e2e", "e2e_candidates",
+                                                "pipeline", "eval", "checkpoint", "stem", "tutorial_strict_fp32",
+                                                "eager_padded", "e2e_eager"]
     assert all(seconds > 0 for seconds in written["section_seconds"].values())
     tables = sorted((tmp_path / "profile").glob("*.txt"))
     assert [t.stem for t in tables] == ["ours-compiled-batch-16-16-tokens-synthetic",
@@ -65,6 +65,27 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
     assert len(names) == 2 and names[0].endswith(", plain") and names[1].endswith(", 1x1 as mm"), names
 
 
+def test_end_to_end_times_the_default_step_then_the_candidates_for_new_defaults(tmp_path, monkeypatch):
+    """The wiring of the (d) rows, without compiling: the candidates' settings are in force for their row only."""
+    seen = []
+
+    def fake_throughput(step, samples, sizes, device, **kwargs):
+        seen.append(torch._inductor.config.conv_1x1_as_mm)
+        return 100.0
+
+    monkeypatch.setattr(bench, "throughput", fake_throughput)
+    monkeypatch.setattr(bench, "loader_throughput", fake_throughput)
+    built, our_model = [], bench.our_model
+    monkeypatch.setattr(bench, "our_model", lambda cfg, *args: built.append(cfg) or our_model(cfg, *args))
+    skip = "tutorial,open_clip,eager,compile,pipeline,eval,checkpoint,stem,tutorial_strict_fp32,eager_padded,e2e_eager"
+    results = bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
+    assert seen == [False, False, True, True]  # on the device, then loaded: default, then the candidates
+    assert [(cfg.compile, cfg.image_stem_channels) for cfg in built] == [(True, 0), (True, 4)]
+    assert not torch._inductor.config.conv_1x1_as_mm  # restored afterwards
+    label = ", 1x1 convolutions as matmuls + stem padded to 4 channels"
+    assert f"ours, end to end, compiled, batch 16, 16 tokens{label}" in results["rows"]
+
+
 def test_each_contestant_runs_under_its_own_backend_settings(tmp_path, monkeypatch):
     """The tutorial leaves PyTorch's defaults (no TF32 matmuls, no cuDNN autotuning); open_clip's script and ours
     turn both on. A baseline timed with our settings would look faster than the tutorial its users run."""
@@ -77,7 +98,7 @@ def test_each_contestant_runs_under_its_own_backend_settings(tmp_path, monkeypat
 
     monkeypatch.setattr(bench, "throughput", fake_throughput)
     before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,stem,compile,e2e"
+    skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,stem,compile,e2e,e2e_candidates"
     bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
     # tutorial, open_clip, ours, then the tutorial in strict fp32 (TF32 off for convolutions too)
     assert seen == [(False, False, True), (True, True, True), (True, True, True), (False, False, False)]
