@@ -427,6 +427,10 @@ class CaptionData:
     def tokenize(self, tokenizer, max_length: int) -> None:
         """Tokenise every caption once, up front, padded to max_length (batches are trimmed later); after
         open_images, which may drop images."""
+        specials = tokenizer.num_special_tokens_to_add()  # [CLS] and [SEP]: truncation never cuts these
+        if max_length <= specials:
+            raise ValueError(f"--max-length {max_length} leaves no room for words: the tokenizer adds {specials} "
+                             f"special tokens to every caption; use at least {specials + 1} (captions are cut to fit)")
         for split in self.splits.values():
             enc = tokenizer(split.captions, truncation=True, max_length=max_length, padding="max_length",
                             return_tensors="np")

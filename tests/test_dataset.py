@@ -303,6 +303,19 @@ def test_tokenize_pads_every_split_to_max_length_so_fixed_length_batches_have_it
         assert batch["input_ids"].shape == (len(split.captions), 32)
 
 
+@pytest.mark.parametrize("max_length", [1, 2])
+def test_a_max_length_with_no_room_past_the_special_tokens_is_refused(tmp_path, max_length):
+    # 1 crashed in numpy (the tokenizer cannot cut below [CLS] [SEP]); 2 made every caption the same [CLS] [SEP]
+    rows = "".join(f"{i}.jpg| 0| a red circle number {i}\n" for i in range(30))
+    data = CaptionData(caption_folder(tmp_path, "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)]),
+                       verbose=False)
+    tok = load_tokenizer("local", "distilbert", tmp_path, lambda: data.splits["train"].captions, 60)
+    with pytest.raises(ValueError, match=rf"--max-length {max_length} leaves no room for words.* at least 3"):
+        data.tokenize(tok, max_length)
+    data.tokenize(tok, 3)
+    assert (data.splits["train"].tokens[:, 1] != tok.sep_token_id).all()  # [CLS], a word, [SEP]
+
+
 class BlankSource:
     size = 16
 
