@@ -249,7 +249,11 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
     if cfg.compile:
         model = torch.compile(model, mode=cfg.compile_mode)
 
+    saved_any = cfg.resume  # whether RUN/last holds a checkpoint of this run, for the message of a non-finite loss
+
     def save(links, metrics=None):
+        nonlocal saved_any
+        saved_any = True
         rngs = gather_objects(rng_state(), d)
         if d.main:  # the copy off the device happens now; the writing in the background
             writer.submit(capture(raw, cfg, tokenizer, {**state, "metrics": metrics}, provenance(), optimizer, scaler,
@@ -287,8 +291,9 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
                 raise SystemExit(  # one line, as for bad input: nothing to debug in a traceback
                     f"train.py: error: the loss became {value} by step {state['step']} (epoch {epoch + 1}); "
                     f"stopped. Likely causes: learning rates too high (--lr-image/--lr-text/--lr-head), fp16 "
-                    f"overflow (try --precision bf16 or fp32), or broken inputs. The last good checkpoint is "
-                    f"{run_dir}/last")
+                    f"overflow (try --precision bf16 or fp32), or broken inputs. "
+                    + (f"The last good checkpoint is {run_dir}/last" if saved_any else
+                       "No checkpoint was saved before it, so there is none to resume: start the run over"))
             state["loss_sum"] += value * window_steps
             state["loss_count"] += window_steps
             now = time.perf_counter()

@@ -118,6 +118,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
                            "--save-every", "10", "--log-every", "5"])
     message = str(e.value)
     assert "by step 30" in message and "--precision bf16" in message and "learning rates" in message
+    assert f"The last good checkpoint is {run}/last" in message
     assert last_step(run) == 23  # the end of epoch 1; steps 24-29 were never saved with a NaN pending
     model, _, _ = checkpoint.load_model(run / "last")
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -552,6 +553,9 @@ def test_an_infinite_loss_stops_at_the_step_log_every_reads(shapes_dir, tmp_path
         return loss * float("inf") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train, "train_step", poisoned)
-    with pytest.raises(SystemExit, match=r"train.py: error: the loss became inf by step 3 "):
+    with pytest.raises(SystemExit, match=r"train.py: error: the loss became inf by step 3 ") as e:
         train.main(TINY + ["--data-dir", str(shapes_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
                            "--log-every", "1"])
+    # before the first checkpoint, the message names none (it used to name a RUN/last that did not exist)
+    assert not (tmp_path / "run" / "last").exists()
+    assert "last good checkpoint" not in str(e.value) and "No checkpoint was saved before it" in str(e.value)
