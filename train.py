@@ -13,8 +13,11 @@ import itertools
 import json
 import math
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
+from shlex import quote
 
 import torch
 from tqdm import tqdm
@@ -129,13 +132,37 @@ def prepare_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
     barrier(d)
 
 
+def stop(signum, frame):
+    """SIGTERM (a scheduler's stop: SLURM, Kubernetes, `timeout`) ends the run as Ctrl-C does, not on the spot: a
+    checkpoint being written is finished, and the run says how to resume."""
+    raise KeyboardInterrupt
+
+
+def interrupted(cfg: Config, d: Dist) -> str:
+    last = Path(cfg.run_dir) / "last"
+    if not cfg.run_dir or not (last / "checkpoint.json").exists():
+        return (f"train.py: interrupted before the first checkpoint of {cfg.run_dir or 'the run'} (the end of "
+                f"epoch 1, or --save-every steps): there is nothing to resume")
+    state = read_info(last)["state"]
+    launch = f"torchrun --nproc_per_node {d.world} train.py" if d.world > 1 else "python train.py"
+    return (f"train.py: interrupted; {last} holds step {state['step']} (epoch {state['epoch'] + 1}, batch "
+            f"{state['batch']}): continue with `{launch} --run-dir {quote(cfg.run_dir)} --resume`")
+
+
 def main(argv=None) -> dict:
     cfg = resolve_config(argv)
     d = init_distributed(cfg.device)
     writer = BackgroundWriter()  # checkpoints go to disk while training goes on
+    on_sigterm = signal.signal(signal.SIGTERM, stop)
     try:
         return train(cfg, d, writer)
+    except KeyboardInterrupt:
+        writer.wait()  # first, so that RUN/last is the one named
+        if d.main:
+            print(interrupted(cfg, d), file=sys.stderr)
+        raise
     finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
         try:
             writer.wait()  # a checkpoint that was started is finished, whatever stopped the run
         finally:
@@ -353,4 +380,7 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
 
 
 if __name__ == "__main__":
+    # no traceback for Ctrl-C or SIGTERM, which main() explains; Python still exits as killed by SIGINT, so that a
+    # shell loop of runs stops too
+    sys.excepthook = lambda kind, value, tb: issubclass(kind, KeyboardInterrupt) or sys.__excepthook__(kind, value, tb)
     main()

@@ -73,6 +73,24 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(shapes_dir,
         json.loads((killed / "test_metrics.json").read_text())
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does_saying_how_to_resume_without_a_traceback(tiny_shapes_dir, tmp_path):
+    # a scheduler's stop (SLURM, `timeout`) used to kill the run on the spot, without a word
+    run = tmp_path / "run"
+    proc = run_train(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--epochs", "50",
+                             "--save-every", "3"])
+    deadline = time.monotonic() + 300
+    while last_step(run) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0
+    step = checkpoint.read_info(run / "last")["state"]["step"]
+    assert f"train.py: interrupted; {run}/last holds step {step} (epoch " in out
+    assert f"continue with `python train.py --run-dir {run} --resume`" in out and "Traceback" not in out
+    assert train.interrupted(Config(run_dir=str(tmp_path / "new")), None).endswith("there is nothing to resume")
+
+
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_run, tmp_path):
     run, _ = tiny_run
     copy = tmp_path / "run"
