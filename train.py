@@ -379,8 +379,13 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
     return last_metrics
 
 
+def no_traceback_for_interrupts(kind, value, tb):
+    """Ctrl-C and SIGTERM end the run with main()'s one line; Python still exits as killed by SIGINT, so that a shell
+    loop of runs stops too."""
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+
+
 if __name__ == "__main__":
-    # no traceback for Ctrl-C or SIGTERM, which main() explains; Python still exits as killed by SIGINT, so that a
-    # shell loop of runs stops too
-    sys.excepthook = lambda kind, value, tb: issubclass(kind, KeyboardInterrupt) or sys.__excepthook__(kind, value, tb)
+    sys.excepthook = no_traceback_for_interrupts
     main()
