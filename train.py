@@ -10,126 +10,27 @@ test_metrics.json, and the `last` and `best` checkpoints (see checkpoint.py).
 """
 
 import itertools
-import json
 import math
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from shlex import quote
 
 import torch
 from tqdm import tqdm
 
-from checkpoint import (BackgroundWriter, capture, load_training_state, load_weights, read_info, read_tokenizer,
-                        rng_state)
+from checkpoint import BackgroundWriter, capture, load_training_state, load_weights, read_tokenizer, rng_state
 from clip import CLIPModel
-from config import (PRESETS, Config, build_parser, config_from_args, config_from_dict, flag, save_config,
-                    validate_with_preset)
+from config import Config, save_config
 from dataset import RUN_SPLITS, TEXT_KEYS, CaptionData, TrainBatches, batch_loader, record_split
 from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from engine import global_mean, lr_factor, make_optimizer, train_step
 from evaluate import evaluate, format_table
 from images import Pixels
 from plots import plot_curves
+from runs import drop_rows_after, find_run_dir, interrupted, prepare_run_dir, resolve_config
 from tokenizer import load_tokenizer
-from utils import (HubError, append_jsonl, atomic_write, pick_device, pick_precision, provenance, read_jsonl,
-                   seed_everything, write_json)
-
-
-def differs(key: str, a, b) -> bool:
-    """Config values that differ; folders by where they lead, so "./data/shapes" is "data/shapes"."""
-    if key.endswith("_dir") and a and b:
-        return Path(a).resolve() != Path(b).resolve()
-    return a != b
-
-
-def resolve_config(argv) -> Config:
-    """Flags over the preset over the defaults; with --resume, flags over the run's saved config."""
-    parser = build_parser(__doc__)
-    args = parser.parse_args(argv)
-    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
-        parser.error("--resume continues the run in --run-dir and --overwrite starts it over: give one of them")
-    try:
-        cfg = config_from_args(args, validate=False)  # on resume, the flags alone may not make a whole config
-        if cfg.resume and cfg.run_dir and (Path(cfg.run_dir) / "config.json").exists():
-            saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
-            given = {k: v for k, v in vars(args).items() if k != "preset"}
-            cfg = config_from_dict({**saved, **given})
-            preset = getattr(args, "preset", None)  # the run's first command repeated with --resume is fine
-            clashes = [f"--{flag(k)} {v!r} (the run has {getattr(cfg, k)!r})"
-                       for k, v in PRESETS.get(preset, {}).items() if k not in given and differs(k, getattr(cfg, k), v)]
-            if clashes:
-                parser.error(f"--resume continues with {cfg.run_dir}/config.json, which --preset {preset} contradicts:"
-                             f" it sets {', '.join(clashes)}. Leave --preset out, or give as flags what should change")
-            cfg.validate()  # the saved config, not a preset, filled in what the flags leave out
-        else:
-            validate_with_preset(cfg, args)
-        return cfg
-    except ValueError as e:
-        parser.error(str(e))
-
-
-# The settings that decide an epoch's batches: a run stopped mid-epoch must finish that epoch with the same ones.
-PLAN_FIELDS = ("batch_size", "seed", "accum_steps", "compile")
-
-
-def check_mid_epoch_resume(run_dir: Path, cfg: Config, world: int) -> None:
-    """Refuse to resume a mid-epoch checkpoint with settings that would redraw the rest of its epoch (its position
-    would point into another plan, repeating or skipping images, or past its end)."""
-    info = read_info(run_dir / "last")
-    saved, state = info["config"], info["state"]
-    if not state["batch"]:
-        return
-    changed = [f"--{flag(k)} {saved[k]} (now {getattr(cfg, k)})" for k in PLAN_FIELDS if saved[k] != getattr(cfg, k)]
-    if len(info["rng"]) != world:
-        changed.append(f"{len(info['rng'])} processes (now {world})")
-    if changed:
-        raise SystemExit(f"--resume: {run_dir}/last was saved in the middle of epoch {state['epoch'] + 1} (after batch "
-                         f"{state['batch']}), and the rest of that epoch depends on settings that changed. It was "
-                         f"saved with {', '.join(changed)}: resume with those, and change them once a later epoch "
-                         f"has ended")
-
-
-def drop_rows_after(metrics_file: Path, epoch: int) -> None:
-    """Forget metrics of epochs after the checkpoint being resumed: a run killed while that epoch's checkpoint was
-    being written logged the epoch, and will log it again."""
-    if metrics_file.exists():
-        rows = read_jsonl(metrics_file)
-        if any(row["epoch"] > epoch for row in rows):
-            with atomic_write(metrics_file) as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows if row["epoch"] <= epoch)
-
-
-def find_run_dir(cfg: Config, d: Dist) -> Path:
-    """The run directory, checked but not touched: an existing run needs --resume or --overwrite."""
-    run_dir = Path(broadcast_object(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"), d))
-    if d.main:
-        # a run stopped before its first checkpoint left only config.json, env.json and splits.json: nothing to lose
-        has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
-        if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
-            raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
-        if cfg.resume:
-            check_mid_epoch_resume(run_dir, cfg, d.world)
-        if has_run and not cfg.resume and not cfg.overwrite:
-            raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it "
-                             f"over, or choose another --run-dir")
-    return run_dir
-
-
-def prepare_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
-    """Create the run directory (with --overwrite, clear the old run out of it) once the run has started well."""
-    if d.main:
-        if cfg.overwrite and not cfg.resume:
-            for name in ["checkpoints", "last", "best", "metrics.jsonl", "test_metrics.json", "curves.png"]:
-                path = run_dir / name
-                if path.is_symlink() or path.is_file():
-                    path.unlink()
-                elif path.is_dir():
-                    shutil.rmtree(path)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(d)
+from utils import HubError, append_jsonl, pick_device, pick_precision, provenance, seed_everything, write_json
 
 
 def stop(signum, frame):
@@ -138,19 +39,8 @@ def stop(signum, frame):
     raise KeyboardInterrupt
 
 
-def interrupted(cfg: Config, d: Dist) -> str:
-    last = Path(cfg.run_dir) / "last"
-    if not cfg.run_dir or not (last / "checkpoint.json").exists():
-        return (f"train.py: interrupted before the first checkpoint of {cfg.run_dir or 'the run'} (the end of "
-                f"epoch 1, or --save-every steps): there is nothing to resume")
-    state = read_info(last)["state"]
-    launch = f"torchrun --nproc_per_node {d.world} train.py" if d.world > 1 else "python train.py"
-    return (f"train.py: interrupted; {last} holds step {state['step']} (epoch {state['epoch'] + 1}, batch "
-            f"{state['batch']}): continue with `{launch} --run-dir {quote(cfg.run_dir)} --resume`")
-
-
 def main(argv=None) -> dict:
-    cfg = resolve_config(argv)
+    cfg = resolve_config(argv, __doc__)
     d = init_distributed(cfg.device)
     writer = BackgroundWriter()  # checkpoints go to disk while training goes on
     on_sigterm = signal.signal(signal.SIGTERM, stop)

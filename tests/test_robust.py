@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import modules
+import runs
 import train
 from clip import CLIPModel, clip_loss
 from config import Config
@@ -88,7 +89,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_saying_how_to_resume_without_a_trace
     step = checkpoint.read_info(run / "last")["state"]["step"]
     assert f"train.py: interrupted; {run}/last holds step {step} (epoch " in out
     assert f"continue with `python train.py --run-dir {run} --resume`" in out and "Traceback" not in out
-    assert train.interrupted(Config(run_dir=str(tmp_path / "new")), None).endswith("there is nothing to resume")
+    assert runs.interrupted(Config(run_dir=str(tmp_path / "new")), None).endswith("there is nothing to resume")
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_run, tmp_path):
@@ -183,10 +184,10 @@ def test_overwrite_clears_the_old_runs_outputs_and_keeps_other_files(tmp_path):
     old = ["metrics.jsonl", "test_metrics.json", "curves.png"]
     for name in old + ["notes.txt"]:
         (run / name).write_text("old")
-    train.prepare_run_dir(run, tiny_config(overwrite=True), Dist())
+    runs.prepare_run_dir(run, tiny_config(overwrite=True), Dist())
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # nothing of the old run is left to mislead
     (run / "curves.png").write_text("new run's")
-    train.prepare_run_dir(run, tiny_config(resume=True), Dist())
+    runs.prepare_run_dir(run, tiny_config(resume=True), Dist())
     assert (run / "curves.png").read_text() == "new run's"
 
 
@@ -198,10 +199,10 @@ def test_resume_with_the_runs_preset_matches_folders_by_where_they_lead(tmp_path
         save_config(Config(**{**PRESETS["shapes"], "data_dir": data_dir, "run_dir": "run"}), "run/config.json")
         argv = ["--run-dir", "run", "--resume", "--preset", "shapes"]
         if ok:
-            assert train.resolve_config(argv).data_dir == data_dir  # the run's own spelling is kept
+            assert runs.resolve_config(argv).data_dir == data_dir  # the run's own spelling is kept
             continue
         with pytest.raises(SystemExit):
-            train.resolve_config(argv)
+            runs.resolve_config(argv)
         assert "--data-dir 'data/shapes' (the run has 'data/other')" in capsys.readouterr().err
 
 
@@ -286,7 +287,7 @@ def test_resume_forgets_metrics_logged_after_its_checkpoint(tmp_path):
     checkpoint runs epoch 2 again, and logs it once."""
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"epoch": e, "train_loss": 5.0 - e}) + "\n" for e in (1, 2)))
-    train.drop_rows_after(metrics, 1)
+    runs.drop_rows_after(metrics, 1)
     assert read_jsonl(metrics) == [{"epoch": 1, "train_loss": 4.0}]
 
 
@@ -331,7 +332,7 @@ def test_resume_validates_the_flags_together_with_the_saved_config(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({**checkpoint.Config(compile=True).to_dict()}))
-    cfg = train.resolve_config(["--run-dir", str(run), "--resume", "--compile-mode", "reduce-overhead"])
+    cfg = runs.resolve_config(["--run-dir", str(run), "--resume", "--compile-mode", "reduce-overhead"])
     assert cfg.compile and cfg.compile_mode == "reduce-overhead"  # --compile comes from the saved run
 
 
@@ -550,16 +551,16 @@ def fake_mid_epoch_checkpoint(tmp_path, processes=1, **saved):
 
 def test_a_mid_epoch_resume_with_another_seed_is_refused(tmp_path):
     run = fake_mid_epoch_checkpoint(tmp_path, seed=0)
-    train.check_mid_epoch_resume(run, Config(seed=0), world=1)
+    runs.check_mid_epoch_resume(run, Config(seed=0), world=1)
     with pytest.raises(SystemExit, match=r"--seed 0 \(now 1\)"):
-        train.check_mid_epoch_resume(run, Config(seed=1), world=1)
+        runs.check_mid_epoch_resume(run, Config(seed=1), world=1)
 
 
 def test_a_mid_epoch_resume_with_fewer_processes_is_refused(tmp_path):
     run = fake_mid_epoch_checkpoint(tmp_path, processes=2)
-    train.check_mid_epoch_resume(run, Config(), world=2)
+    runs.check_mid_epoch_resume(run, Config(), world=2)
     with pytest.raises(SystemExit, match=r"2 processes \(now 1\)"):
-        train.check_mid_epoch_resume(run, Config(), world=1)
+        runs.check_mid_epoch_resume(run, Config(), world=1)
 
 
 def test_an_infinite_loss_stops_at_the_step_log_every_reads(shapes_dir, tmp_path, monkeypatch):

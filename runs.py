@@ -1,0 +1,119 @@
+"""The run folder: the config a run starts or resumes with, what an existing folder allows (--resume, --overwrite),
+which settings a checkpoint saved mid-epoch resumes with, and what an interrupted run says."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+from shlex import quote
+
+from checkpoint import read_info
+from config import PRESETS, Config, build_parser, config_from_args, config_from_dict, flag, validate_with_preset
+from distributed import Dist, barrier, broadcast_object
+from utils import atomic_write, read_jsonl
+
+
+def differs(key: str, a, b) -> bool:
+    """Config values that differ; folders by where they lead, so "./data/shapes" is "data/shapes"."""
+    if key.endswith("_dir") and a and b:
+        return Path(a).resolve() != Path(b).resolve()
+    return a != b
+
+
+def resolve_config(argv, description: str = "") -> Config:
+    """Flags over the preset over the defaults; with --resume, flags over the run's saved config. description: the
+    entry point's, for --help."""
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        parser.error("--resume continues the run in --run-dir and --overwrite starts it over: give one of them")
+    try:
+        cfg = config_from_args(args, validate=False)  # on resume, the flags alone may not make a whole config
+        if cfg.resume and cfg.run_dir and (Path(cfg.run_dir) / "config.json").exists():
+            saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+            given = {k: v for k, v in vars(args).items() if k != "preset"}
+            cfg = config_from_dict({**saved, **given})
+            preset = getattr(args, "preset", None)  # the run's first command repeated with --resume is fine
+            clashes = [f"--{flag(k)} {v!r} (the run has {getattr(cfg, k)!r})"
+                       for k, v in PRESETS.get(preset, {}).items() if k not in given and differs(k, getattr(cfg, k), v)]
+            if clashes:
+                parser.error(f"--resume continues with {cfg.run_dir}/config.json, which --preset {preset} contradicts:"
+                             f" it sets {', '.join(clashes)}. Leave --preset out, or give as flags what should change")
+            cfg.validate()  # the saved config, not a preset, filled in what the flags leave out
+        else:
+            validate_with_preset(cfg, args)
+        return cfg
+    except ValueError as e:
+        parser.error(str(e))
+
+
+# The settings that decide an epoch's batches: a run stopped mid-epoch must finish that epoch with the same ones.
+PLAN_FIELDS = ("batch_size", "seed", "accum_steps", "compile")
+
+
+def check_mid_epoch_resume(run_dir: Path, cfg: Config, world: int) -> None:
+    """Refuse to resume a mid-epoch checkpoint with settings that would redraw the rest of its epoch (its position
+    would point into another plan, repeating or skipping images, or past its end)."""
+    info = read_info(run_dir / "last")
+    saved, state = info["config"], info["state"]
+    if not state["batch"]:
+        return
+    changed = [f"--{flag(k)} {saved[k]} (now {getattr(cfg, k)})" for k in PLAN_FIELDS if saved[k] != getattr(cfg, k)]
+    if len(info["rng"]) != world:
+        changed.append(f"{len(info['rng'])} processes (now {world})")
+    if changed:
+        raise SystemExit(f"--resume: {run_dir}/last was saved in the middle of epoch {state['epoch'] + 1} (after batch "
+                         f"{state['batch']}), and the rest of that epoch depends on settings that changed. It was "
+                         f"saved with {', '.join(changed)}: resume with those, and change them once a later epoch "
+                         f"has ended")
+
+
+def drop_rows_after(metrics_file: Path, epoch: int) -> None:
+    """Forget metrics of epochs after the checkpoint being resumed: a run killed while that epoch's checkpoint was
+    being written logged the epoch, and will log it again."""
+    if metrics_file.exists():
+        rows = read_jsonl(metrics_file)
+        if any(row["epoch"] > epoch for row in rows):
+            with atomic_write(metrics_file) as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows if row["epoch"] <= epoch)
+
+
+def find_run_dir(cfg: Config, d: Dist) -> Path:
+    """The run directory, checked but not touched: an existing run needs --resume or --overwrite."""
+    run_dir = Path(broadcast_object(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"), d))
+    if d.main:
+        # a run stopped before its first checkpoint left only config.json, env.json and splits.json: nothing to lose
+        has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
+        if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
+            raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
+        if cfg.resume:
+            check_mid_epoch_resume(run_dir, cfg, d.world)
+        if has_run and not cfg.resume and not cfg.overwrite:
+            raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it "
+                             f"over, or choose another --run-dir")
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
+    """Create the run directory (with --overwrite, clear the old run out of it) once the run has started well."""
+    if d.main:
+        if cfg.overwrite and not cfg.resume:
+            for name in ["checkpoints", "last", "best", "metrics.jsonl", "test_metrics.json", "curves.png"]:
+                path = run_dir / name
+                if path.is_symlink() or path.is_file():
+                    path.unlink()
+                elif path.is_dir():
+                    shutil.rmtree(path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(d)
+
+
+def interrupted(cfg: Config, d: Dist) -> str:
+    last = Path(cfg.run_dir) / "last"
+    if not cfg.run_dir or not (last / "checkpoint.json").exists():
+        return (f"train.py: interrupted before the first checkpoint of {cfg.run_dir or 'the run'} (the end of "
+                f"epoch 1, or --save-every steps): there is nothing to resume")
+    state = read_info(last)["state"]
+    launch = f"torchrun --nproc_per_node {d.world} train.py" if d.world > 1 else "python train.py"
+    return (f"train.py: interrupted; {last} holds step {state['step']} (epoch {state['epoch'] + 1}, batch "
+            f"{state['batch']}): continue with `{launch} --run-dir {quote(cfg.run_dir)} --resume`")
