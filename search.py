@@ -446,7 +446,10 @@ def main(argv=None):
         s = load_searcher(args.checkpoint, args.device, args.batch_size)
         index = folder_index(s, args.images) if args.images else dataset_index(s, args.data_dir, args.split or "test")
         if args.make_results:
-            written = make_results(s, index, args.make_results)
+            try:
+                written = make_results(s, index, args.make_results)
+            except OSError as e:
+                p.error(f"--make-results {args.make_results}: could not write the pictures ({e})")
             print("wrote " + ", ".join(show(str(f)) for f in written))
             return written
         if args.text is not None:
@@ -460,7 +463,10 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     if figure is not None:
-        print(f"wrote {save_figure(figure, args.out)}")
+        try:
+            print(f"wrote {save_figure(figure, args.out)}")
+        except OSError as e:  # the ranked list above still stands; only the picture is missing
+            p.error(f"--out {args.out}: could not write the picture ({e})")
     return hits
 
 

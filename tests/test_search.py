@@ -250,6 +250,9 @@ def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
     (["--checkpoint", "{run}", "--make-results", "{tmp}", "--k", "3"], "drop --images, --k and --out"),
     (["--checkpoint", "{run}", "--images", "{tmp}", "--split", "val", "--text", "x"], "--split choose a data split"),
     (["--checkpoint", "{run}", "--text", "x", "--out", "{tmp}/empty"], "is a folder; name the picture"),
+    (["--checkpoint", "{run}", "--text", "x", "--out", "{tmp}/notes.txt/x.jpg"],
+     "notes.txt/x.jpg: could not write the picture"),
+    (["--checkpoint", "{run}", "--make-results", "{tmp}/notes.txt"], "notes.txt: could not write the pictures"),
 ])
 def test_clear_errors(argv, message, run, shapes_dir, tmp_path, capsys):
     (tmp_path / "x.jpg").write_bytes(b"")
