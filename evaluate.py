@@ -9,6 +9,7 @@ Recall is in percent.
 
 import argparse
 import sys
+from pathlib import Path
 from shlex import quote
 
 import numpy as np
@@ -179,6 +180,8 @@ def main(argv=None) -> dict:
     if args.batch_size < 1 or args.num_workers < 0:
         p.error(f"--batch-size must be at least 1 and --num-workers at least 0, got {args.batch_size} and "
                 f"{args.num_workers}")
+    if args.json and Path(args.json).is_dir():
+        p.error(f"--json {args.json} is a folder; name the file to write, e.g. {Path(args.json) / 'test.json'}")
     try:
         device = pick_device(args.device)
         checkpoint = locate(args.checkpoint)  # the folder used, as named: the title says which
@@ -199,7 +202,10 @@ def main(argv=None) -> dict:
         metrics["seen_in_training"] = seen
     print(format_table(metrics, f"{args.split} split of {data.data_dir}, checkpoint {checkpoint}"))
     if args.json:
-        write_json(args.json, metrics)
+        try:
+            write_json(args.json, metrics)
+        except OSError as e:  # the table above still stands; only the file is missing
+            p.error(f"--json {args.json}: could not write the metrics ({e})")
     return metrics
 
 

@@ -280,6 +280,15 @@ def test_damaged_checkpoint_files_and_bad_evaluate_flags_are_named(run, tmp_path
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_an_evaluate_json_that_cannot_be_written_is_named(run, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    for target, message in [(tmp_path, "is a folder; name the file to write"),
+                            (tmp_path / "notes.txt" / "m.json", "m.json: could not write the metrics")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(run / "best"), "--json", str(target), "--device", "cpu"])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_file_inside_a_checkpoint_folder_stands_for_the_folder(run, shapes_dir, capsys):
     """A file picker hands out best/model.safetensors or best/checkpoint.json: both mean best/, and the table's
     title names the folder that was evaluated."""
