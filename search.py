@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 import numpy as np
 import torch
@@ -415,6 +416,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.text is not None and not args.text.strip():
         p.error("--text is empty; give the words to search for")
+    if args.image and Path(args.image).is_dir():
+        p.error(f"--image {args.image} is a folder; name one image file, or search the folder's images with "
+                f"--images {quote(args.image)} --text ...")
     if args.image and not Path(args.image).is_file():
         p.error(f"--image {args.image}: no such file")
     if args.images and not Path(args.images).is_dir():

@@ -241,6 +241,7 @@ def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
     (["--checkpoint", "{run}", "--text", "  "], "--text is empty"),
     (["--checkpoint", "{run}", "--image", "{tmp}/missing.jpg"], "no such file"),
     (["--checkpoint", "{run}", "--image", "{tmp}/notes.txt"], "notes.txt is not an image this can read"),
+    (["--checkpoint", "{run}", "--image", "{tmp}/empty"], "empty is a folder; name one image file, or search"),
     (["--checkpoint", "{run}", "--images", "{tmp}", "--image", "{tmp}/x.jpg"], "--images FOLDER has none"),
     (["--checkpoint", "{run}", "--images", "{tmp}/nowhere", "--text", "x"], "is not a folder"),
     (["--checkpoint", "{run}", "--images", "{tmp}/empty", "--text", "x"], "holds no image files"),
