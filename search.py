@@ -318,14 +318,28 @@ def unknown_words(s: Searcher, text: str) -> None:
               f"{'it' if len(unknown) == 1 else 'them'}")
 
 
+def cut_off(s: Searcher, text: str) -> None:
+    """Warn when a query is longer than the model reads: it is cut at max_length tokens, as captions were in training,
+    so the words past that point change nothing."""
+    if len(s.tokenizer(text)["input_ids"]) <= s.cfg.max_length:
+        return
+    rest = "the rest"
+    if s.tokenizer.is_fast:
+        enc = s.tokenizer(text, truncation=True, max_length=s.cfg.max_length, return_offsets_mapping=True)
+        rest = repr(text[max(b for _, b in enc["offset_mapping"]):].strip())
+    print(f"warning: the model reads the first {s.cfg.max_length} tokens of a query (its max_length), so it ignores "
+          f"{rest}")
+
+
 def _normal(text: str) -> str:
     return " ".join(text.lower().split())
 
 
 def search_text(s: Searcher, index: Index, text: str, k: int | None = None) -> list[Hit]:
     """The k images (default TEXT_K, or all if fewer) that best match a text; an image is a true match when the text
-    is one of its captions. Warns about words the model's vocabulary lacks."""
+    is one of its captions. Warns about words the model's vocabulary lacks, and those past the length it reads."""
     unknown_words(s, text)
+    cut_off(s, text)
     own = {int(index.caption_image[c]) for c, caption in enumerate(index.captions) if _normal(caption) == _normal(text)}
     k = k or min(TEXT_K, len(index.image_emb))
     return [Hit(rank, row, index.paths[row], score, row in own)

@@ -359,6 +359,12 @@ def test_small_folders_links_and_unknown_words(run, shapes_dir, tmp_path, capsys
     assert "vocabulary knows none of the words" in capsys.readouterr().out
     search.main(base + ["--text", "a red circle \U0001F534"])  # one unknown word among known ones
     assert "vocabulary lacks '\U0001F534': it reads as [UNK]" in capsys.readouterr().out
+    search.main(base + ["--text", "a red circle " * 20 + "and a blue square"])  # beyond the preset's 32 tokens
+    printed = capsys.readouterr().out
+    assert "reads the first 32 tokens of a query (its max_length), so it ignores '" in printed
+    assert "and a blue square'" in printed
+    search.main(base + ["--text", "a red circle " * 10])  # 30 words, 32 tokens with [CLS] and [SEP]: all read
+    assert "tokens of a query" not in capsys.readouterr().out
 
 
 def test_evaluation_of_a_run_from_before_split_records_checks_the_split_of_its_time(run, shapes_dir, tmp_path,
