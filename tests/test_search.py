@@ -234,7 +234,8 @@ def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--text", "x", "--checkpoint", "{tmp}/nothing"], "is not a checkpoint"),
+    (["--text", "x", "--checkpoint", "{tmp}/nothing"], "nothing does not exist; pass a run's `best`"),
+    (["--text", "x", "--checkpoint", "{tmp}/empty"], "empty is not a checkpoint (no checkpoint.json)"),
     (["--text", "x", "--checkpoint", "{tmp}/notes.txt"], "notes.txt is a file, not a checkpoint folder"),
     (["--checkpoint", "{run}"], "one of the arguments --text --image --make-results is required"),
     (["--checkpoint", "{run}", "--text", "x", "--image", "y.jpg"], "not allowed with argument"),
@@ -274,7 +275,7 @@ def test_damaged_checkpoint_files_and_bad_evaluate_flags_are_named(run, tmp_path
     assert "model.safetensors is damaged" in capsys.readouterr().err
     (damaged / "checkpoint.json").write_text("{not json")
     for argv, message in [(["--checkpoint", str(damaged)], "checkpoint.json is damaged"),
-                          (["--checkpoint", str(tmp_path / "nothing")], "is not a checkpoint"),
+                          (["--checkpoint", str(tmp_path / "nothing")], "nothing does not exist"),
                           (["--checkpoint", str(run / "best"), "--batch-size", "0"], "--batch-size must be at")]:
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv + ["--device", "cpu"])
