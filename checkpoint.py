@@ -51,7 +51,10 @@ def locate(path) -> Path:
         raise FileNotFoundError(f"{path} has no `best` checkpoint yet: the run stopped before the end of its first "
                                 f"epoch. Its latest, saved mid-epoch, is {path / 'last'}: pass that to use it, or "
                                 f"finish training with `python train.py --run-dir {quote(str(path))} --resume`")
-    if not os.path.lexists(path):  # a typo, or a run folder named from another working directory
+    if path.is_symlink() and not path.exists():  # `cp -r RUN/best elsewhere` copies the link, not the folder
+        raise FileNotFoundError(f"{path} is a link to {os.readlink(path)}, which is not there: a copy of RUN/best or "
+                                f"RUN/last copies only the link unless it follows links (`cp -rL`)")
+    if not path.exists():  # a typo, or a run folder named from another working directory
         raise FileNotFoundError(f"{path} does not exist; pass a run's `best` or `last` folder, e.g. runs/shapes/best")
     raise FileNotFoundError(f"{path} is not a checkpoint (no checkpoint.json); pass a run's `best` or `last` folder, "
                             f"e.g. runs/shapes/best")

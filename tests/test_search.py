@@ -331,6 +331,14 @@ def test_a_checkpoint_shared_alone_loads_without_its_training_state_and_says_wha
     assert "cannot be checked" in capsys.readouterr().err  # searching the test split says it too
 
 
+def test_a_copied_best_link_is_named_as_a_link(run, tmp_path, capsys):
+    """`cp -r RUN/best elsewhere` copies the link, whose relative target then points nowhere."""
+    (tmp_path / "best").symlink_to(os.readlink(run / "best"))
+    with pytest.raises(SystemExit):
+        search.main(["--checkpoint", str(tmp_path / "best"), "--text", "x", "--device", "cpu"])
+    assert f"best is a link to {os.readlink(run / 'best')}, which is not there" in capsys.readouterr().err
+
+
 def test_latest_checkpoint_is_the_newest_best(tmp_path, run):
     with pytest.raises(FileNotFoundError, match="train one with"):
         search.latest_checkpoint(tmp_path)
