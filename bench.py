@@ -530,7 +530,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--tiny", action="store_true", help="toy sizes, CPU, 1-2 minutes")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (--tiny: the CPU; else CUDA, then MPS, then the CPU), or "
+                   "a torch device")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--data-root", default="data/bench", help="where the Flickr-sized shapes set is drawn")
     p.add_argument("--skip", default="", help="comma-separated sections to skip, e.g. compile,open_clip")

@@ -170,12 +170,13 @@ def main(argv=None) -> dict:
                                 allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/best, RUN/last) or a run folder")
     p.add_argument("--data-dir", help="data folder (default: the one the checkpoint was trained on)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to score")
     p.add_argument("--json", help="also write the metrics to this JSON file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--image-cache", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), or a device: cpu, cuda:1")
+    p.add_argument("--batch-size", type=int, default=512, help="images or captions embedded at once")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (0: in this one)")
+    p.add_argument("--image-cache", default="auto", choices=["auto", "on", "off"], help="decode each image once into "
+                   "a uint8 memmap beside the data, as training does (auto: if the disk has room), or decode JPEGs")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         p.error(f"--batch-size must be at least 1 and --num-workers at least 0, got {args.batch_size} and "

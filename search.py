@@ -425,7 +425,7 @@ def parse_args(argv):
     p.add_argument("--k", type=int, help=f"how many results (default {TEXT_K} images for --text, {IMAGE_K} captions "
                    f"for --image)")
     p.add_argument("--out", help="also draw the results into this picture (.jpg, .jpeg or .png)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), or a device: cpu, cuda:1")
     p.add_argument("--batch-size", type=int, default=256, help="images or captions embedded at a time")
     args = p.parse_args(argv)
     if args.text is not None and not args.text.strip():
