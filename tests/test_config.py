@@ -1,6 +1,7 @@
 """Flags come from the dataclass, presets apply first, bad settings fail before any work with the flag named; the
 device, precision and seed that settings pick take effect."""
 
+import argparse
 import dataclasses
 import random
 from pathlib import Path
@@ -94,6 +95,27 @@ def test_every_flag_explains_itself_in_help():
     assert notes["crop_scale_min"].endswith("(so no flips or colour jitter either), as in open_clip")  # two lines
     text = " ".join(build_parser().format_help().split())  # unwrapped
     assert "contrastive batch per process" in text and "99% of Flickr30k captions fit in 40" in text
+
+
+def test_every_flag_of_every_command_explains_itself_in_help(monkeypatch, capsys):
+    import bench
+    import download
+    import evaluate
+    import search
+    import train
+    silent, add = [], argparse.ArgumentParser.add_argument
+
+    def spy(parser, *names, **kwargs):
+        if not kwargs.get("help"):
+            silent.append(names[0])
+        return add(parser, *names, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", spy)
+    for command in (train, evaluate, search, download, bench):
+        with pytest.raises(SystemExit):
+            command.main(["--help"])
+        assert "usage:" in capsys.readouterr().out
+    assert silent == []
 
 
 def test_a_run_trained_in_fp16_evaluates_on_a_cpu():
