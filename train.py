@@ -117,9 +117,6 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
     state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "loss_sum": 0.0, "loss_count": 0}
     if cfg.resume:
         state = load_training_state(run_dir / "last", raw, optimizer, scaler, d.rank)
-        if state["epoch"] >= cfg.epochs:
-            raise ValueError(f"--resume: {run_dir} has trained {state['epoch']} epochs, and --epochs is {cfg.epochs}: "
-                             f"to train on, give more, e.g. --epochs {state['epoch'] + cfg.epochs}")
         if state["batch"] > len(batches):
             raise ValueError(f"--resume: {run_dir}/last was saved after batch {state['batch']} of an epoch, which now "
                              f"has {len(batches)}: the training set changed; resume with the data it started with")
