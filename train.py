@@ -13,6 +13,7 @@ import itertools
 import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def main(argv=None) -> dict:
     cfg = resolve_config(argv, __doc__)
     d = init_distributed(cfg.device)
     writer = BackgroundWriter()  # checkpoints go to disk while training goes on
-    on_sigterm = signal.signal(signal.SIGTERM, stop)
+    handles_signals = threading.current_thread() is threading.main_thread()  # Python's rule for signal handlers
+    on_sigterm = signal.signal(signal.SIGTERM, stop) if handles_signals else None
     try:
         return train(cfg, d, writer)
     except KeyboardInterrupt:
@@ -52,7 +54,8 @@ def main(argv=None) -> dict:
             print(interrupted(cfg, d), file=sys.stderr)
         raise
     finally:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        if handles_signals:
+            signal.signal(signal.SIGTERM, on_sigterm)
         try:
             writer.wait()  # a checkpoint that was started is finished, whatever stopped the run
         finally:

@@ -92,6 +92,17 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_saying_how_to_resume_without_a_trace
     assert runs.interrupted(Config(run_dir=str(tmp_path / "new")), None).endswith("there is nothing to resume")
 
 
+def test_training_runs_in_a_thread_too(tiny_shapes_dir, tmp_path):
+    # signal handlers can only be set in the main thread: a run started from another one (a tuning tool, a notebook
+    # helper) trains without the SIGTERM handler rather than failing
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(train.main, TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"),
+                                                 "--epochs", "1"]).result()
+    assert result["epoch"] == 1 and (tmp_path / "run" / "best" / "checkpoint.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this thread's handler untouched
+
+
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_run, tmp_path):
     run, _ = tiny_run
     copy = tmp_path / "run"
