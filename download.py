@@ -58,9 +58,11 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
                     f"{out} yourself if you no longer need it")
         shutil.rmtree(out / "images", ignore_errors=True)  # another set drawn before: start clean
         (out / "results.csv").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    # first: a draw cut short leaves a folder marked as ours (results.csv, written last, is missing), so it is redrawn
+    write_json(out / SHAPES_RECIPE, recipe)
     make_shapes(out, args.num_images, width, height, args.seed, workers=os.cpu_count() or 1,
                 progress=lambda it, total: tqdm(it, total=total, desc="drawing shapes", unit="img"))
-    write_json(out / SHAPES_RECIPE, recipe)
     print(f"wrote {args.num_images} images and {5 * args.num_images} captions to {out}")
 
 

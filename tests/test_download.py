@@ -467,6 +467,23 @@ def test_shapes_are_drawn_once_per_request_and_redrawn_clean_for_another(tmp_pat
     assert "holds files a shapes set does not make (['notes.txt'])" in capsys.readouterr().err
 
 
+def test_an_interrupted_first_shapes_draw_is_redrawn_on_rerun(tmp_path, monkeypatch):
+    out, real = tmp_path / "shapes", download.make_shapes
+
+    def dies_midway(out_dir, *args, **kwargs):
+        (Path(out_dir) / "images").mkdir(parents=True)
+        (Path(out_dir) / "images" / "0.png").write_bytes(b"half drawn")
+        raise KeyboardInterrupt
+
+    args = ["--dataset", "shapes", "--out", str(out), "--num-images", "20", "--image-size", "32x32"]
+    monkeypatch.setattr(download, "make_shapes", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        download.main(args)
+    monkeypatch.setattr(download, "make_shapes", real)
+    assert download.main(args) == 0  # the folder is ours: redrawn, not refused as another data set
+    assert len(list((out / "images").iterdir())) == 20 and len(CaptionData(out, verbose=False).names) == 20
+
+
 def test_shapes_never_overwrite_another_data_set(tmp_path, kaggle_zip, capsys):
     out = tmp_path / "flickr30k"
     assert run(["--zip", str(kaggle_zip), "--out", str(out)]) == 0
