@@ -158,6 +158,7 @@ def extract(zip_path: Path, out: Path, spec: DatasetSpec) -> None:
             for name in tqdm(images, desc=f"extracting {zip_path.name}", unit="img"):
                 extract_member(zf, name, staging / "images" / PurePosixPath(name).name)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad CRC, bad compressed data, a short member
+        shutil.rmtree(staging, ignore_errors=True)  # a damaged zip fails again the same way: keep no partial copy
         raise PrepareError(f"{zip_path} is damaged ({e}); delete it and download it again") from None
     for path in targets:
         os.replace(staging / path.name, path)

@@ -259,6 +259,7 @@ def test_damaged_zip_is_refused_and_left_unchanged(tmp_path, kaggle_zip):
     with pytest.raises(SystemExit, match="built.zip is damaged"):
         run(["--zip", str(kaggle_zip), "--out", str(tmp_path / "d")])
     assert kaggle_zip.read_bytes() == data and not (tmp_path / "d" / "prepare_report.json").exists()
+    assert not (tmp_path / "d").exists()  # no hidden staging folder of half the images is left behind
 
 
 def test_full_disk_is_said_before_extracting(tmp_path, kaggle_zip, monkeypatch):
