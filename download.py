@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from shlex import quote
 
 from tqdm import tqdm
 
@@ -97,9 +98,13 @@ def main(argv=None, connect=kaggle_api) -> int:
     spec = DATASETS.get(args.dataset)  # None for shapes and for --prepare without --dataset: no expected counts
 
     def connect_with_credentials():
-        creds = resolve_credentials(args.kaggle_json)
-        print(creds.describe())
-        return connect(creds)
+        try:
+            creds = resolve_credentials(args.kaggle_json)
+            print(creds.describe())
+            return connect(creds)
+        except CredentialsError as e:  # without a key, or offline, a zip downloaded by hand still works
+            raise CredentialsError(f"{e}\nOr download the zip by hand from {spec.url} and run `python download.py "
+                                   f"--dataset {spec.name} --zip PATH --out {quote(str(out))}`") from None
 
     try:
         # read first: a split file that cannot be used must stop the run before a download of 4 GB, not after it

@@ -56,8 +56,7 @@ def no_credentials_message(repo_dir) -> str:
             f"  - export KAGGLE_USERNAME=you KAGGLE_KEY=...\n"
             f"  - ~/.kaggle/kaggle.json (or $KAGGLE_CONFIG_DIR/kaggle.json), then chmod 600 it\n"
             f"  - the newer API token in ~/.kaggle/access_token (or $KAGGLE_API_TOKEN)\n"
-            f"  - run python download.py in a terminal, which asks for them\n"
-            f"  - or download the zip by hand from the Kaggle website and run python download.py --zip PATH")
+            f"  - run python download.py in a terminal, which asks for them")
 
 
 def config_dirs() -> list[Path]:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import download
+import kaggle_auth
 import prepare
 import shapes
 import train
@@ -227,6 +228,22 @@ def test_credentials_are_found_before_a_download_is_announced(tmp_path, kaggle_z
     printed = capsys.readouterr().out
     assert printed.index("Kaggle credentials: ") < printed.index("continuing the download") < printed.index(
         f"downloading {SLUG}")
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_credential_failures_name_the_zip_to_download_by_hand_and_the_command_for_it(tmp_path, offline, monkeypatch):
+    def connect(creds):  # kaggle 2.x checks a token with Kaggle's servers: offline, that fails before any download
+        raise kaggle_auth.CredentialsError("could not reach Kaggle to check the credentials")
+
+    if offline:
+        monkeypatch.setenv("KAGGLE_API_TOKEN", "a-token")
+    out = tmp_path / "my data"
+    with pytest.raises(SystemExit) as e:
+        download.main(["--dataset", "flickr8k", "--out", str(out)], connect=connect)
+    message = str(e.value)
+    assert ("could not reach Kaggle" if offline else "no Kaggle credentials found") in message
+    assert "https://www.kaggle.com/datasets/adityajn105/flickr8k" in message
+    assert f"python download.py --dataset flickr8k --zip PATH --out '{out}'" in message
 
 
 def test_zip_flag_needs_no_credentials_and_keeps_the_zip(tmp_path, kaggle_zip):
