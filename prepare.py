@@ -111,7 +111,8 @@ def locate(names: list[str], spec: DatasetSpec, source) -> tuple[str, list[str],
     folders = Counter(str(PurePosixPath(n).parent) for n in images)
     if not captions or not folders:
         others = sorted({PurePosixPath(n).name for n in names} & set(CAPTION_FILES))
-        hint = f" It holds {others}: is it another data set (--dataset)?" if others else ""
+        guess = [f"--dataset {d.name}" for d in DATASETS.values() if d.caption_file in others]
+        hint = f" It holds {others}: is it another data set ({' or '.join(guess) or '--dataset'})?" if others else ""
         raise PrepareError(f"{source} holds no {spec.caption_file} or no images, so it is not Kaggle's "
                            f"{spec.name} zip ({spec.url}).{hint} First entries: {names[:5]}")
     folder = min(folders, key=lambda f: (-folders[f], depth(f)))

@@ -291,7 +291,7 @@ def test_zip_of_another_data_set_says_so(tmp_path):
     with zipfile.ZipFile(tmp_path / "archive.zip", "w") as zf:
         zf.writestr("captions.txt", "image,caption\na.jpg,a dog\n")
         zf.writestr("Images/a.jpg", jpeg((1, 2, 3)))
-    with pytest.raises(SystemExit, match=r"no results.csv.*\['captions.txt'\].*--dataset"):
+    with pytest.raises(SystemExit, match=r"no results.csv.*\['captions.txt'\].*--dataset flickr8k"):
         run(["--zip", str(tmp_path / "archive.zip"), "--out", str(tmp_path / "d")])
 
 
