@@ -92,6 +92,9 @@ def main(argv=None, connect=kaggle_api) -> int:
         p.error(f"--workers must not be negative, got {args.workers}")
     if args.prepare and (args.zip or args.out):
         p.error("--prepare DIR works on DIR as it is; it takes no --zip or --out")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, not a folder" + ("; a zip downloaded by hand goes with --zip"
+                                                               if args.out.lower().endswith(".zip") else ""))
     if args.dataset == "shapes" and not args.prepare:
         make_shapes_set(p, args, args.out or "data/shapes")
         return 0

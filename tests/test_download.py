@@ -525,6 +525,14 @@ def test_zip_given_for_a_folder_that_already_holds_a_data_set_is_not_used_and_sa
     assert f"--zip {other} was not used: {out} already holds a data set" in printed and "another --out" in printed
 
 
+def test_out_naming_a_file_says_so_and_points_a_zip_to_zip(tmp_path, kaggle_zip, capsys):
+    for argv in [["--out", str(kaggle_zip)], ["--dataset", "shapes", "--out", str(kaggle_zip)]]:
+        with pytest.raises(SystemExit) as e:
+            download.main(argv, connect=lambda creds: pytest.fail("connected"))
+        assert e.value.code == 2 and f"--out {kaggle_zip} is a file, not a folder" in capsys.readouterr().err
+    assert kaggle_zip.read_bytes()[:2] == b"PK"
+
+
 def test_zip_flag_naming_a_folder_says_so(tmp_path):
     (tmp_path / "unzipped").mkdir()
     with pytest.raises(SystemExit, match="--zip .*unzipped is a folder, not a zip file"):
