@@ -211,7 +211,11 @@ def fetch(spec: DatasetSpec, out: Path, zip_path=None, connect=None, keep_zip: b
     """Make OUT a data folder of `spec`: from `zip_path` if given (never deleted), else from the zip unzipped by
     hand in OUT, else from Kaggle (the download is deleted after a successful extraction unless keep_zip). Does
     nothing when OUT already holds the data."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only disk, a folder of another user's
+        raise PrepareError(f"cannot create {out} ({e.strerror or e}); choose a folder you can write to with --out") \
+            from None
     if is_extracted(out):
         if zip_path is not None:  # never replace a data set the user may have worked on
             print(f"note: --zip {zip_path} was not used: {out} already holds a data set; to prepare from the zip "

@@ -533,6 +533,15 @@ def test_out_naming_a_file_says_so_and_points_a_zip_to_zip(tmp_path, kaggle_zip,
     assert kaggle_zip.read_bytes()[:2] == b"PK"
 
 
+def test_out_that_cannot_be_created_is_one_line_not_a_traceback(tmp_path, kaggle_zip, monkeypatch):
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(SystemExit, match=r"error: cannot create .*flickr30k \(Permission denied\); choose"):
+        run(["--zip", str(kaggle_zip), "--out", str(tmp_path / "ro" / "flickr30k")])
+
+
 def test_zip_flag_naming_a_folder_says_so(tmp_path):
     (tmp_path / "unzipped").mkdir()
     with pytest.raises(SystemExit, match="--zip .*unzipped is a folder, not a zip file"):
