@@ -269,6 +269,14 @@ def test_zip_unzipped_by_hand_is_moved_into_place(tmp_path, kaggle_zip, copy_dif
     assert sorted(p.name for p in out.iterdir()) == ["images", "prepare_report.json", "results.csv"]
 
 
+def test_prepare_on_the_kaggle_zip_unzipped_by_hand_points_to_out(tmp_path, kaggle_zip):
+    with zipfile.ZipFile(kaggle_zip) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    with pytest.raises(SystemExit, match=r"unzipped by hand.*python download.py --out .*unzipped"):
+        run(["--prepare", str(tmp_path / "unzipped")])
+    assert sorted(p.name for p in (tmp_path / "unzipped").iterdir()) == ["flickr30k_images"]  # --prepare moves nothing
+
+
 def test_damaged_zip_is_refused_and_left_unchanged(tmp_path, kaggle_zip):
     data = bytearray(kaggle_zip.read_bytes())
     data[len(data) // 3:len(data) // 3 + 64] = bytes(64)  # bytes lost in the middle of the images
