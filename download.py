@@ -1,4 +1,5 @@
-"""Get a data set into the on-disk format dataset.py reads, verified, with a report of what was wrong with it.
+"""Get a data set into the on-disk format captions.py and dataset.py read, verified, with a report of what was wrong
+with it.
 
     python download.py                                             # Flickr30k from Kaggle -> data/flickr30k
     python download.py --dataset flickr8k                          # Flickr8k from Kaggle -> data/flickr8k

@@ -1,6 +1,6 @@
-"""From a Kaggle zip (downloaded, or given) to a verified data folder in the format dataset.py reads.
+"""From a Kaggle zip (downloaded, or given) to a verified data folder in the format captions.py and dataset.py read.
 
-A prepared folder holds the caption file exactly as Kaggle ships it (dataset.py repairs it in memory), one image
+A prepared folder holds the caption file exactly as Kaggle ships it (captions.py repairs it in memory), one image
 folder `images/`, `prepare_report.json` (counts, repaired / dropped / duplicate caption rows with line numbers, images
 that cannot be decoded) and, with --split-file, `splits.json`. Every step can be interrupted and rerun:
   download  kaggle resumes a partial zip; a zip without its central directory (written last) is fetched again
@@ -23,8 +23,8 @@ from shlex import quote
 
 from tqdm import tqdm
 
-from dataset import (CAPTION_FILES, IMAGE_DIRS, IMAGE_EXTS, SPLITS, check_splits, find_layout, image_files_in,
-                     read_captions, read_json_file, split_names)
+from captions import CAPTION_FILES, IMAGE_DIRS, IMAGE_EXTS, find_layout, image_files_in, read_captions
+from dataset import SPLITS, check_splits, read_json_file, split_names
 from images import find_bad_images, fingerprint
 from utils import write_json
 
@@ -302,7 +302,7 @@ def not_utf8(name: str) -> bool:
 
 def spelling(name: str) -> str:
     """A file name as a caption row would spell it: NFC (zips made on a Mac may hold NFD names), and a name that
-    is not UTF-8 read as Windows-1252, as dataset.py reads caption lines that are not UTF-8."""
+    is not UTF-8 read as Windows-1252, as captions.py reads caption lines that are not UTF-8."""
     if not_utf8(name):
         name = os.fsencode(name).decode("cp1252", errors="replace")
     return unicodedata.normalize("NFC", name)

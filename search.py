@@ -32,7 +32,8 @@ from tqdm import tqdm
 from checkpoint import load_model, resolve, run_dir_of
 from clip import CLIPModel
 from config import Config
-from dataset import IMAGE_EXTS, CaptionData
+from captions import IMAGE_EXTS
+from dataset import CaptionData
 from evaluate import embed_images, embed_texts, warn_if_seen
 from images import Pixels, check_image, fingerprint, full_boxes, to_square
 from plots import curves_figure, image_to_text_figure, read_metrics, save_figure, text_to_image_figure

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import download
 import prepare as prepare_module
-from dataset import CaptionData, read_captions, split_names
+from captions import read_captions
+from dataset import CaptionData, split_names
 from images import build_cache, check_image, load_rgb
 from prepare import prepare
 from conftest import HEADER, caption_folder

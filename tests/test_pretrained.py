@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DistilBertConfig, DistilBertModel
 
 from conftest import tiny_config
-from dataset import read_captions
+from captions import read_captions
 from tokenizer import train_wordpiece
 
 ROOT = Path(__file__).resolve().parent.parent
