@@ -113,6 +113,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
 
 
 def interrupted(cfg: Config, d: Dist) -> str:
+    """The line a run stopped by Ctrl-C or SIGTERM ends with: what RUN/last holds, and the command that resumes it."""
     last = Path(cfg.run_dir) / "last"
     if not cfg.run_dir or not (last / "checkpoint.json").exists():
         return (f"train.py: interrupted before the first checkpoint of {cfg.run_dir or 'the run'} (the end of "
