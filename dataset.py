@@ -242,8 +242,10 @@ class CaptionData:
             raise ValueError(f"--max-length {max_length} leaves no room for words: the tokenizer adds {specials} "
                              f"special tokens to every caption; use at least {specials + 1} (captions are cut to fit)")
         for split in self.splits.values():
+            # on the right whatever the tokenizer's default (Gemma's, Llama's, XLNet's: the left), as text_batch
+            # keeps each caption's first `length` tokens
             enc = tokenizer(split.captions, truncation=True, max_length=max_length, padding="max_length",
-                            return_tensors="np")
+                            padding_side="right", return_tensors="np")
             split.tokens = enc["input_ids"].astype(np.int32)
             split.lengths = enc["attention_mask"].sum(1).astype(np.int32)
 

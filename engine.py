@@ -99,7 +99,9 @@ def backward_grad_cache(model, raw: CLIPModel, images, text: dict, chunks: int, 
     """
     # even micro-batches: a short last batch of n >= 2 * chunks pairs splits into parts of 2 or more
     micro = list(zip(images.tensor_split(chunks), *micro_texts(text, chunks)))
-    buffers = [b.detach().clone() for b in raw.buffers()]  # batch-norm statistics: update them once, in pass 3
+    # batch-norm running statistics move in pass 3 only: once per micro-batch, as K steps of the micro-batch size
+    # would move them (not once with the whole batch's statistics)
+    buffers = [b.detach().clone() for b in raw.buffers()]
     rngs, image_parts, text_parts = [], [], []
     with torch.no_grad():
         for x, *t in micro:

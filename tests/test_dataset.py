@@ -303,6 +303,21 @@ def test_tokenize_pads_every_split_to_max_length_so_fixed_length_batches_have_it
         assert batch["input_ids"].shape == (len(split.captions), 32)
 
 
+def test_captions_are_padded_on_the_right_whatever_the_tokenizers_default(tmp_path):
+    # Gemma's, Llama's and XLNet's tokenizers pad on the left; batches keep each caption's first `length` tokens
+    rows = "".join(f"{i}.jpg| 0| a red circle number {i}\n" for i in range(30))
+    data = CaptionData(caption_folder(tmp_path, "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)]),
+                       verbose=False)
+    tok = load_tokenizer("local", "distilbert", tmp_path, lambda: data.splits["train"].captions, 60)
+    tok.padding_side = "left"
+    data.tokenize(tok, 32)
+    split = data.splits["train"]
+    batch = text_batch(split, np.arange(len(split.captions)), tok.pad_token_id)
+    for ids, mask, caption in zip(batch["input_ids"], batch["attention_mask"], split.captions):
+        assert tok.decode(ids[mask.bool()], skip_special_tokens=True) == caption
+        assert ids[0] == tok.cls_token_id
+
+
 @pytest.mark.parametrize("max_length", [1, 2])
 def test_a_max_length_with_no_room_past_the_special_tokens_is_refused(tmp_path, max_length):
     # 1 crashed in numpy (the tokenizer cannot cut below [CLS] [SEP]); 2 made every caption the same [CLS] [SEP]
