@@ -42,6 +42,11 @@ def find_layout(data_dir) -> tuple[Path, Path]:
                                 f"--dataset shapes --out {quote(str(root))}` (built-in set)")
     captions = next((root / n for n in CAPTION_FILES if (root / n).is_file()), None)
     images = next((root / n for n in IMAGE_DIRS if (root / n).is_dir()), None)
+    if captions is None and images is not None and any((images / n).is_file() for n in CAPTION_FILES):
+        # Kaggle's Flickr30k zip keeps its caption file inside its image folder, beside a nested copy of the images
+        raise FileNotFoundError(f"{root} holds a Kaggle zip unzipped by hand (its caption file is in {images}); "
+                                f"`python download.py --out {quote(str(root))}` moves one copy into place and "
+                                f"prepares it")
     if captions is None or images is None:
         lacks = ([f"a caption file (one of {CAPTION_FILES})"] if captions is None else []) + \
             ([f"an image folder (one of {IMAGE_DIRS})"] if images is None else [])

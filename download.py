@@ -114,10 +114,6 @@ def main(argv=None, connect=kaggle_api) -> int:
         # read first: a split file that cannot be used must stop the run before a download of 4 GB, not after it
         splits = read_split_file(args.split_file) if args.split_file else None
         if args.prepare:
-            if (Path(args.prepare) / "flickr30k_images" / "results.csv").is_file() and \
-                    not (Path(args.prepare) / "results.csv").exists():  # --prepare takes a folder as it is
-                raise PrepareError(f"{args.prepare} holds Kaggle's Flickr30k zip unzipped by hand; `python download.py "
-                                   f"--out {quote(args.prepare)}` moves one copy into place and prepares it")
             prepare(args.prepare, spec, args.split_file, args.workers, reverify=True, splits=splits)
             return 0
         spec = spec or DATASETS["flickr30k"]
