@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from checkpoint import load_model, locate, read_info, run_dir_of
 from clip import clip_loss
-from dataset import (RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, legacy_train_names, read_json_file,
-                     text_batch, trained_images)
+from dataset import (RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, legacy_train_names, on_device,
+                     read_json_file, text_batch, trained_images)
 from images import Pixels
 from utils import autocast, checkpoint_data_dir, inference_precision, pick_device, trained_data_dir, write_json
 
@@ -33,7 +33,8 @@ def embed_images(model, split: Split, source, pixels: Pixels, device, dtype, bat
     batches = EvalImages(split, source, batch_size)
     loader = batch_loader(batches, range(len(batches)), num_workers, pin_memory=device.type == "cuda")
     out = []
-    for batch in tqdm(loader, desc="embedding images", unit="batch", disable=not progress):
+    for batch in tqdm(on_device(loader, device), total=len(loader), desc="embedding images", unit="batch",
+                      disable=not progress):
         with autocast(device, dtype):
             out.append(model.encode_image(pixels(batch["pixels"], batch["boxes"], device)).float())
     return torch.cat(out)

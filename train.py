@@ -23,7 +23,7 @@ from tqdm import tqdm
 from checkpoint import BackgroundWriter, capture, load_training_state, load_weights, read_tokenizer, rng_state
 from clip import CLIPModel
 from config import Config, save_config
-from dataset import RUN_SPLITS, TEXT_KEYS, CaptionData, TrainBatches, batch_loader, record_split
+from dataset import RUN_SPLITS, TEXT_KEYS, CaptionData, TrainBatches, batch_loader, on_device, record_split
 from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from engine import global_mean, lr_factor, make_optimizer, train_step
 from evaluate import evaluate, format_table
@@ -187,8 +187,8 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
 
     last_metrics, lr_scale = {}, lr_at(state["epoch"], state["batch"])
     # one loader (and one set of worker processes) for the rest of the run; it reads ahead across epoch ends
-    loader = iter(batch_loader(batches, batches.run_indices(cfg.epochs, state["epoch"], state["batch"]),
-                               cfg.num_workers, device.type == "cuda"))
+    loader = on_device(batch_loader(batches, batches.run_indices(cfg.epochs, state["epoch"], state["batch"]),
+                                    cfg.num_workers, device.type == "cuda"), device)
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
         bar = tqdm(itertools.islice(loader, steps_per_epoch - state["batch"]), total=steps_per_epoch,
