@@ -5,7 +5,7 @@ ratios compare like with like.
     python bench.py --tiny              # toy sizes on the CPU in 1-2 minutes (the CI smoke test)
     python bench.py --json bench.json   # also write every number
     python bench.py --sweep             # also try variants of the compiled step (minutes each on a GPU)
-    python bench.py --sweep-only        # those variants alone (and the stem timing, seconds)
+    python bench.py --sweep-only        # those variants alone
     python bench.py --profile prof/     # also where each of our steps spends its time (tables, Chrome traces)
 
 (a) the popular tutorial's step: fp32, batch 32, its soft-target loss, default AdamW settings, reading the loss back
@@ -17,8 +17,8 @@ ratios compare like with like.
     torch.compile, and eager with a padded text tower; with --sweep also the compiled step's variants (CUDA graphs,
     inductor settings, a bigger batch, padded text)
 (d) this project's whole training loop on the built-in set drawn at Flickr's size (500x375 JPEGs): the image cache,
-    data-loader workers, device-side augmentation, the step; compiled, then once more with the candidates for new
-    defaults (CANDIDATES), then eager
+    data-loader workers, copies to the device on a stream of their own, device-side augmentation, the step;
+    compiled, then once more with the candidate for a new default (CANDIDATES), then eager
 (e) the input pipeline alone, in images/s: cache vs decoding JPEGs
 (f) evaluation: embed 1,000 images and 5,000 captions and compute recall
 (g) checkpoint: how long the loop waits for a save, written in place vs by the background writer
@@ -46,18 +46,19 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, DistilBertConfig, DistilBertModel
 
 from checkpoint import BackgroundWriter, capture, save_checkpoint
 from clip import CLIPModel, clip_loss
 from config import Config
-from dataset import PREFETCH, TEXT_KEYS, CaptionData, Split, TrainBatches, batch_loader
+from dataset import PREFETCH, TEXT_KEYS, CaptionData, Split, TrainBatches, batch_loader, on_device
 from distributed import Dist
 from engine import make_optimizer, micro_texts, train_step
 from evaluate import evaluate
 from images import JpegSource, Pixels
-from modules import ChannelPaddedConv2d, ImageEncoder, ProjectionHead, rgb_stem
+from modules import ProjectionHead
 from packing import token_index
 from shapes import make_shapes
 from tokenizer import train_wordpiece
@@ -304,7 +305,10 @@ def profile(step, device, out: Path, steps: int = 3) -> str:
     averages = prof.key_averages()
     table = averages.table(sort_by=sort, row_limit=25)
     if device.type == "cuda":  # under 100%, the GPU waits for the host: fewer launches (CUDA graphs) or a bigger batch
-        busy = sum(a.self_device_time_total for a in averages) / 1e6 / steps
+        # kernels only, as torch's own table footer counts: an operator's row repeats the time of the kernels it
+        # launched, and a GPU-side annotation (the optimizer step) spans kernels
+        kernels = [a for a in averages if a.device_type == DeviceType.CUDA and not a.is_user_annotation]
+        busy = sum(a.self_device_time_total for a in kernels) / 1e6 / steps
         table = (f"per step: GPU busy {1e3 * busy:.1f} ms of {1e3 * wall:.1f} ms ({100 * busy / wall:.0f}%, "
                  f"profiler included)\n") + table
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -342,53 +346,23 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
     return [row("c", name, rate, flops, batch)]
 
 
-def bench_stem(sizes: Sizes, device, dtype, batch: int):
-    """The image tower's RGB stem alone (forward and weight gradient, channels_last, autocast; what cuDNN runs under
-    compile too) with its 3 input channels as they are and padded to 4 and 8: what --image-stem-channels saves."""
-    path, conv = rgb_stem(ImageEncoder(sizes.image_model, False, sizes.image_size).model)
-    conv = conv.to(device, memory_format=torch.channels_last)
-    images = torch.randn(batch, 3, sizes.image_size, sizes.image_size, device=device
-                         ).contiguous(memory_format=torch.channels_last)
-    ms = {}
-    for channels in (3, 4, 8):
-        layer = ChannelPaddedConv2d(conv, channels) if channels > 3 else conv
-
-        def step():
-            with autocast(device, dtype):
-                out = layer(images)
-            out.backward(torch.ones_like(out))
-            layer.weight.grad = None
-
-        ms[channels] = 1e3 * batch / throughput(step, batch, sizes, device)
-    best = min(ms, key=ms.get)
-    times = ", ".join(f"{c} channels {t:.2f} ms" for c, t in ms.items())
-    return [{"section": "c", "name": "stem convolution", "ms_by_channels": ms, "best_channels": best,
-             "text": f"{path} {tuple(conv.weight.shape)}, batch {batch}, forward + weight gradient: {times}; "
-                     f"fastest: {best}" + (f" (--image-stem-channels {best})" if best > 3 else "")}]
-
-
 # Variants of the compiled step worth measuring on each new card or torch release (python bench.py --sweep), at the
 # end-to-end section's batch and caption length:
 # (label, torch.compile mode, inductor settings, batch multiple, Config overrides).
-# The candidates for new defaults: changes of kernels only (the same results), not yet measured (BENCHMARKS.md);
-# the end-to-end section times them too. (label, inductor settings, Config overrides)
-CANDIDATES = ("1x1 convolutions as matmuls + stem padded to 4 channels", {"conv_1x1_as_mm": True},
-              {"image_stem_channels": 4})
-SWEEP = [  # the reference, those not yet measured (BENCHMARKS.md), those measured; the tuning ones last (slow compiles)
+# The candidate for a new default, a change of kernels only (the same results), timed end to end too (section
+# e2e_candidates): (label, inductor settings, Config overrides)
+CANDIDATES = ("CUDA graphs (reduce-overhead)", {}, {"compile_mode": "reduce-overhead"})
+SWEEP = [  # the reference, those not yet measured (BENCHMARKS.md), those measured, max-autotune last (slow compile)
     ("default mode", "default", {}, 1, {}),
-    (CANDIDATES[0], "default", CANDIDATES[1], 1, CANDIDATES[2]),
-    ("frozen batch-norm statistics", "default", {}, 1, {"image_freeze_bn_stats": True}),
-    ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1, {}),
-    ("stem padded to 4 channels", "default", {}, 1, {"image_stem_channels": 4}),
-    ("stem padded to 8 channels", "default", {}, 1, {"image_stem_channels": 8}),
+    # PyTorch measured it speeding up inductor's max-pool backward 1.4-1.8x (pytorch/pytorch#103657)
+    ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1, {}),
     ("1.5x batch", "default", {}, 1.5, {}),
-    # the default --batch-size, where the host is part of the limit: compare (c)'s compiled row
+    # the default --batch-size: compare (c)'s compiled row
     ("CUDA graphs (reduce-overhead), half the batch", "reduce-overhead", {}, 0.5, {}),
     ("text padded (no packing)", "default", {}, 1, {"pack_text": False}),
-    ("CUDA graphs + 1x1 convolutions as matmuls + frozen batch-norm statistics", "reduce-overhead",
-     {"conv_1x1_as_mm": True}, 1, {"image_freeze_bn_stats": True}),
+    ("frozen batch-norm statistics", "default", {}, 1, {"image_freeze_bn_stats": True}),
     ("CUDA graphs (reduce-overhead)", "reduce-overhead", {}, 1, {}),
-    ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1, {}),
+    ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1, {}),
     ("max-autotune, no CUDA graphs", "max-autotune-no-cudagraphs", {}, 1, {}),
 ]
 
@@ -437,14 +411,14 @@ def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, toke
     flops = our_flops(raw, pixels(resident["pixels"], resident["boxes"], device), resident, device, dtype)
     try:
         with torch._inductor.config.patch(inductor or {}):
-            on_device = throughput(lambda: step(resident), batch, sizes, device)  # its warm-up also compiles
+            resident_rate = throughput(lambda: step(resident), batch, sizes, device)  # its warm-up also compiles
             # the loader starts only now, so that nothing it read ahead during compilation is timed
-            stream = iter(batch_loader(batches, indices, sizes.workers, device.type == "cuda"))
+            stream = on_device(batch_loader(batches, indices, sizes.workers, device.type == "cuda"), device)
             loaded = loader_throughput(step, batch, sizes, device)
     finally:
         torch._dynamo.reset()
     return [row("d", f"ours, end to end, {kind}", loaded, flops, batch),
-            row("d", f"ours, same steps, one batch already on the device, {kind}", on_device, flops, batch)]
+            row("d", f"ours, same steps, one batch already on the device, {kind}", resident_rate, flops, batch)]
 
 
 def bench_pipeline(sizes: Sizes, device, folder: Path, cache: str, batch: int):
@@ -539,8 +513,8 @@ def main(argv=None) -> dict:
                    "after timing it: top kernels and a Chrome trace per step, in this folder")
     p.add_argument("--sweep", action="store_true", help="also time variants of the compiled step (CUDA graphs, "
                    "inductor settings, batch size), several minutes each on a GPU")
-    p.add_argument("--sweep-only", action="store_true", help="the sweep alone (after the stem timing, seconds), its "
-                   "reference variant first (for a second, shorter call on a lent GPU)")
+    p.add_argument("--sweep-only", action="store_true", help="the sweep alone, its reference variant first (for a "
+                   "second, shorter call on a lent GPU)")
     args = p.parse_args(argv)
     sizes = TINY if args.tiny else FULL
     device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
@@ -567,14 +541,13 @@ def main(argv=None) -> dict:
         ("pipeline", lambda: [bench_pipeline(sizes, device, folder, cache, S) for cache in ("on", "off")]),
         ("eval", lambda: [bench_eval(sizes, device, dtype, folder)]),
         ("checkpoint", lambda: [bench_checkpoint(sizes, device, dtype, Path(args.data_root))]),
-        ("stem", lambda: bench_stem(sizes, device, dtype, B)),  # seconds: no compiling
         ("tutorial_strict_fp32", lambda: bench_tutorial(sizes, device, ", TF32 off for convolutions too")),
         ("eager_padded", lambda: bench_ours(sizes, device, dtype, S, T, False, overrides={"pack_text": False},
                                             label=", text padded (no packing)")),
         ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
     ]
     if args.sweep_only:
-        sections = [s for s in sections if s[0] == "stem"]
+        sections = []
     if args.sweep or args.sweep_only:
         for label, mode, knobs, factor, overrides in SWEEP:
             sections.append((f"sweep: {label}", functools.partial(

@@ -17,8 +17,7 @@ class CLIPModel(nn.Module):
         """text_config: the text tower's transformers config, to rebuild a saved model with no download; pad_id: the
         tokenizer's padding id, for a text tower built with random weights."""
         super().__init__()
-        self.image_encoder = ImageEncoder(cfg.image_model, cfg.image_pretrained, cfg.image_size,
-                                          cfg.image_stem_channels)
+        self.image_encoder = ImageEncoder(cfg.image_model, cfg.image_pretrained, cfg.image_size)
         if text_config is None:
             text_config = build_text_config(cfg.text_model, cfg.text_pretrained, cfg.text_layers, cfg.text_width,
                                             cfg.text_heads, vocab_size, cfg.max_length, pad_id)

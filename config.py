@@ -35,8 +35,6 @@ class Config:
     image_freeze_bn_stats: bool = False  # keep a pretrained tower's batch-norm statistics (its scales still learn):
     #                                      steadier with small batches, lighter steps; open_clip's flag of that name
     image_size: int = 224  # training/eval resolution; 224 is what ImageNet-pretrained ResNets expect
-    image_stem_channels: int = 0  # >3 pads the first convolution's RGB input with zero channels to this many, for
-    #                               cuDNN's tensor-core kernels; the same results. 0 = off (bench.py --sweep measures)
     crop_scale_min: float = 0.9  # random-resized-crop keeps >= this share of the image; small, as captions name
     #                              positions and colours (so no flips or colour jitter either), as in open_clip
 
@@ -121,9 +119,6 @@ class Config:
         if self.num_workers > 4 * cpus:
             raise ValueError(f"--num-workers {self.num_workers} is far more than this machine's {cpus} CPUs; "
                              f"use at most {4 * cpus} (4 per CPU); about {cpus} is usually enough")
-        if self.image_stem_channels and not 3 < self.image_stem_channels <= 64:
-            raise ValueError(f"--image-stem-channels pads 3 input channels up to 4 or 8 (at most 64); got "
-                             f"{self.image_stem_channels}; 0 turns it off")
         if self.image_freeze_bn_stats and not self.image_pretrained:
             raise ValueError("--image-freeze-bn-stats keeps the batch-norm statistics of pretrained weights, and "
                              "--no-image-pretrained has none worth keeping; drop one of the two flags")
@@ -235,8 +230,14 @@ def parse_config(argv=None, description: str = "") -> Config:
         parser.error(str(e))
 
 
+# fields of earlier versions that changed kernels, not results: a saved config that has one still loads
+RETIRED = {"image_stem_channels"}  # zero channels padded onto the RGB stem; slower on an H100 at 4 and 8 (2026-11-27)
+
+
 def config_from_dict(values: dict) -> Config:
-    """Rebuild a saved config; fields added since it was saved take their defaults, unknown ones are an error."""
+    """Rebuild a saved config; fields added since it was saved take their defaults, retired ones are dropped,
+    unknown ones are an error."""
+    values = {k: v for k, v in values.items() if k not in RETIRED}
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:

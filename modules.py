@@ -17,43 +17,10 @@ from packing import packed_forward
 from utils import hub_error, model_type_of
 
 
-class ChannelPaddedConv2d(nn.Conv2d):
-    """A convolution whose input channels are padded with zeros to `channels` at each call, its weight alike, so that
-    cuDNN can pick a tensor-core kernel for an RGB stem (NVIDIA DALI's pad_output pads RGB to 4 channels). Zero
-    channels add nothing: outputs and gradients are the same, and the weight keeps its shape (and state-dict key)."""
-
-    def __init__(self, conv: nn.Conv2d, channels: int):
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
-        self.weight, self.bias = conv.weight, conv.bias  # the same parameters, pretrained values included
-        self.channels = channels
-
-    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        extra = (0, 0, 0, 0, 0, self.channels - self.in_channels)  # F.pad counts from the last dimension: C of NCHW
-        return super()._conv_forward(F.pad(input, extra), F.pad(weight, extra), bias)
-
-
-def rgb_stem(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    """The first plain convolution of 3 input channels in `model` (a ResNet's conv1, a ViT's patch embedding) and its
-    path; None where the stem is of another kind (timm's Conv2dSame, weight-standardised convolutions)."""
-    return next(((path, m) for path, m in model.named_modules()
-                 if type(m) is nn.Conv2d and m.in_channels == 3 and m.groups == 1), None)
-
-
-def pad_stem(model: nn.Module, channels: int, name: str) -> None:
-    """Swap the RGB stem of `model` for a ChannelPaddedConv2d with `channels` input channels."""
-    found = rgb_stem(model)
-    if found is None:
-        raise ValueError(f"--image-stem-channels {channels}: --image-model {name} has no plain convolution of 3 "
-                         f"input channels to pad; use --image-stem-channels 0")
-    parent, _, attr = found[0].rpartition(".")
-    setattr(model.get_submodule(parent), attr, ChannelPaddedConv2d(found[1], channels))
-
-
 class ImageEncoder(nn.Module):
     """Any timm model, classifier removed: (B, 3, H, W) -> (B, num_features) pooled features."""
 
-    def __init__(self, name: str, pretrained: bool, image_size: int, stem_channels: int = 0):
+    def __init__(self, name: str, pretrained: bool, image_size: int):
         super().__init__()
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
@@ -70,8 +37,6 @@ class ImageEncoder(nn.Module):
             repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", "") or ""
             raise hub_error(name, "timm image weights", "--no-image-pretrained (random initialisation)", e,
                             repo) from None
-        if stem_channels:
-            pad_stem(self.model, stem_channels, name)
         # pooled width: num_features, unless the model has a layer after pooling (MobileNetV3, GhostNet, ...)
         self.out_dim = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self._check_size(name, image_size)

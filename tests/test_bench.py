@@ -21,15 +21,12 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
             assert r["vs_tutorial"] > 0 and (r["section"] == "a" or r["vs_open_clip"] > 0)
     assert {"input pipeline, cached squares", "input pipeline, decoding JPEGs", "evaluation", "checkpoint"} <= set(rows)
     assert 0 < rows["checkpoint"]["waited_seconds"] and rows["checkpoint"]["gb"] > 0
-    stem = rows["stem convolution"]  # the RGB stem timed as it is and padded (--image-stem-channels)
-    assert list(stem["ms_by_channels"]) == [3, 4, 8] and min(stem["ms_by_channels"].values()) > 0
-    assert stem["best_channels"] in (3, 4, 8)
     eager = "ours, eager, batch 16, 16 tokens, synthetic"  # packed text does less work than padded, same batch
     assert rows[eager]["gflop_per_sample"] < rows[eager + ", text padded (no packing)"]["gflop_per_sample"]
     written = json.loads((tmp_path / "b.json").read_text())
     assert written["rows"].keys() == rows.keys()
     assert list(written["section_seconds"]) == ["tutorial", "open_clip", "eager", "compile", "e2e", "e2e_candidates",
-                                                "pipeline", "eval", "checkpoint", "stem", "tutorial_strict_fp32",
+                                                "pipeline", "eval", "checkpoint", "tutorial_strict_fp32",
                                                 "eager_padded", "e2e_eager"]
     assert all(seconds > 0 for seconds in written["section_seconds"].values())
     tables = sorted((tmp_path / "profile").glob("*.txt"))
@@ -56,7 +53,7 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
     monkeypatch.setattr(bench, "our_model", lambda cfg, *args: built.append(cfg) or our_model(cfg, *args))
     monkeypatch.setattr(bench, "SWEEP", [("plain", "default", {}, 1, {}),
                                          ("1x1 as mm", "default", {"conv_1x1_as_mm": True}, 2, {"dropout": 0.0})])
-    results = bench.main(["--tiny", "--sweep-only", "--skip", "stem", "--data-root", str(tmp_path / "data")])
+    results = bench.main(["--tiny", "--sweep-only", "--data-root", str(tmp_path / "data")])
     assert not (tmp_path / "data").exists()  # the sweep alone draws no data set
     assert seen == [(bench.TINY.big_batch, False), (2 * bench.TINY.big_batch, True)]
     assert not torch._inductor.config.conv_1x1_as_mm  # restored afterwards
@@ -65,8 +62,8 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
     assert len(names) == 2 and names[0].endswith(", plain") and names[1].endswith(", 1x1 as mm"), names
 
 
-def test_end_to_end_times_the_default_step_then_the_candidates_for_new_defaults(tmp_path, monkeypatch):
-    """The wiring of the (d) rows, without compiling: the candidates' settings are in force for their row only."""
+def test_end_to_end_times_the_default_step_then_the_candidate_for_a_new_default(tmp_path, monkeypatch):
+    """The wiring of the (d) rows, without compiling: the candidate's settings are in force for its row only."""
     seen = []
 
     def fake_throughput(step, samples, sizes, device, **kwargs):
@@ -77,13 +74,14 @@ def test_end_to_end_times_the_default_step_then_the_candidates_for_new_defaults(
     monkeypatch.setattr(bench, "loader_throughput", fake_throughput)
     built, our_model = [], bench.our_model
     monkeypatch.setattr(bench, "our_model", lambda cfg, *args: built.append(cfg) or our_model(cfg, *args))
-    skip = "tutorial,open_clip,eager,compile,pipeline,eval,checkpoint,stem,tutorial_strict_fp32,eager_padded,e2e_eager"
+    monkeypatch.setattr(bench, "CANDIDATES", ("graphs + 1x1 as mm", {"conv_1x1_as_mm": True},
+                                              {"compile_mode": "reduce-overhead"}))
+    skip = "tutorial,open_clip,eager,compile,pipeline,eval,checkpoint,tutorial_strict_fp32,eager_padded,e2e_eager"
     results = bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
-    assert seen == [False, False, True, True]  # on the device, then loaded: default, then the candidates
-    assert [(cfg.compile, cfg.image_stem_channels) for cfg in built] == [(True, 0), (True, 4)]
+    assert seen == [False, False, True, True]  # on the device, then loaded: default, then the candidate
+    assert [(cfg.compile, cfg.compile_mode) for cfg in built] == [(True, "default"), (True, "reduce-overhead")]
     assert not torch._inductor.config.conv_1x1_as_mm  # restored afterwards
-    label = ", 1x1 convolutions as matmuls + stem padded to 4 channels"
-    assert f"ours, end to end, compiled, batch 16, 16 tokens{label}" in results["rows"]
+    assert "ours, end to end, compiled, batch 16, 16 tokens, graphs + 1x1 as mm" in results["rows"]
 
 
 def test_each_contestant_runs_under_its_own_backend_settings(tmp_path, monkeypatch):
@@ -98,7 +96,7 @@ def test_each_contestant_runs_under_its_own_backend_settings(tmp_path, monkeypat
 
     monkeypatch.setattr(bench, "throughput", fake_throughput)
     before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,stem,compile,e2e,e2e_candidates"
+    skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,compile,e2e,e2e_candidates"
     bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
     # tutorial, open_clip, ours, then the tutorial in strict fp32 (TF32 off for convolutions too)
     assert seen == [(False, False, True), (True, True, True), (True, True, True), (False, False, False)]

@@ -88,6 +88,12 @@ def test_saved_config_round_trips_and_unknown_fields_are_refused():
     assert Config().to_dict() == parse_config([]).to_dict()
 
 
+def test_a_config_saved_with_a_retired_field_still_loads():
+    """Runs saved while --image-stem-channels existed (it changed kernels, not results) load as they were."""
+    cfg = parse_config(["--preset", "shapes"])
+    assert config_from_dict({**cfg.to_dict(), "image_stem_channels": 4}) == cfg
+
+
 def test_every_flag_explains_itself_in_help():
     notes = field_notes()
     fields = [f.name for f in dataclasses.fields(Config)]

@@ -14,7 +14,7 @@ from clip import MAX_LOGIT_SCALE, CLIPModel, clip_loss
 from config import Config
 from conftest import tiny_config
 from distributed import Dist
-from modules import ChannelPaddedConv2d, ImageEncoder, ProjectionHead, build_text_config
+from modules import ImageEncoder, ProjectionHead, build_text_config
 from engine import make_optimizer, train_step
 from tokenizer import train_wordpiece
 
@@ -292,43 +292,6 @@ def test_an_encoder_decoders_encoder_alone_is_the_text_tower_and_reloads_from_it
         torch.testing.assert_close(again.eval().encode_text(ids, mask), before)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
-def test_a_padded_stem_gives_the_same_outputs_and_gradients_and_the_same_checkpoint_keys(name):
-    """Zero input channels times zero weights add nothing: --image-stem-channels changes kernels, not results."""
-    torch.manual_seed(0)
-    plain = ImageEncoder(name, pretrained=False, image_size=32).to(memory_format=torch.channels_last)
-    padded = ImageEncoder(name, pretrained=False, image_size=32, stem_channels=8)
-    padded.load_state_dict(plain.state_dict())  # the same keys and shapes: a checkpoint loads either way
-    padded = padded.to(memory_format=torch.channels_last)
-    stem = next(m for m in padded.modules() if type(m).__name__ == "ChannelPaddedConv2d")
-    assert stem.weight.shape[1] == 3 and stem.channels == 8
-    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    out_plain, out_padded = plain(images), padded(images)
-    torch.testing.assert_close(out_padded, out_plain, rtol=1e-5, atol=1e-5)
-    out_plain.square().sum().backward()
-    out_padded.square().sum().backward()
-    for (key, a), b in zip(plain.named_parameters(), padded.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=key)
-
-
-def test_a_padded_stem_compiles_to_the_same_loss():
-    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    ids = torch.randint(5, 500, (8, 16), generator=torch.Generator().manual_seed(2))
-    plain, _ = tiny_model()
-    padded, _ = tiny_model(image_stem_channels=4)  # the same seed: the same weights
-    plain.eval(), padded.eval()  # no dropout: compiled code draws its own random numbers
-    expected = clip_loss(*plain(images, ids, torch.ones_like(ids)))
-    torch.testing.assert_close(clip_loss(*torch.compile(padded)(images, ids, torch.ones_like(ids))), expected)
-
-
-def test_a_stem_pad_needs_a_plain_rgb_convolution_and_more_than_3_channels():
-    with pytest.raises(ValueError, match="--image-stem-channels 4: --image-model tf_mobilenetv3_small_minimal_100 "
-                                         "has no plain convolution"):  # its stem is timm's Conv2dSame
-        ImageEncoder("tf_mobilenetv3_small_minimal_100", pretrained=False, image_size=32, stem_channels=4)
-    with pytest.raises(ValueError, match="--image-stem-channels pads 3 input channels up to 4 or 8"):
-        tiny_config(image_stem_channels=3).validate()
-
-
 def test_the_projection_head_is_linear_gelu_linear_dropout_plus_residual_then_layernorm():
     """The tutorial's head, checked against its definition in training mode (dropout drawn from the same seed)."""
     head = ProjectionHead(8, 6, dropout=0.5).train()
@@ -339,16 +302,6 @@ def test_the_projection_head_is_linear_gelu_linear_dropout_plus_residual_then_la
     projected = head.proj(x)
     expected = head.norm(F.dropout(head.fc(F.gelu(projected)), 0.5, training=True) + projected)
     torch.testing.assert_close(got, expected)
-
-
-def test_the_padded_stems_convolution_sees_the_padded_channels(monkeypatch):
-    """Equal outputs alone would also pass a pad of another dimension (zero rows add nothing either), which leaves
-    cuDNN the 3-channel kernel: the convolution must be handed 4 channels."""
-    seen, conv2d = [], F.conv2d
-    monkeypatch.setattr(torch.nn.modules.conv.F, "conv2d",
-                        lambda x, w, *args: seen.append((x.shape, w.shape)) or conv2d(x, w, *args))
-    ChannelPaddedConv2d(torch.nn.Conv2d(3, 8, 3, padding=1), 4)(torch.randn(2, 3, 10, 10))
-    assert seen == [((2, 4, 10, 10), (8, 4, 3, 3))]
 
 
 @pytest.mark.parametrize("text_model", ["pegasus", "marian"])
