@@ -117,6 +117,11 @@ def backward_grad_cache(model, raw: CLIPModel, images, text: dict, chunks: int, 
     loss = contrastive_loss(image_emb, text_emb, raw.scale(), d, local_loss)
     scaler.scale(loss).backward()  # -> image_emb.grad, text_emb.grad, and the temperature's gradient
     image_grads, text_grads = image_emb.grad.tensor_split(chunks), text_emb.grad.tensor_split(chunks)
+    # pass 3 adds into gradient buffers of its own: autograd would keep the first backward's output as .grad, and
+    # under CUDA graphs (--compile-mode reduce-overhead) that memory is the graph's, which the next replay overwrites
+    for p in raw.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     for i, ((x, *t), rng) in enumerate(zip(micro, rngs)):
         sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
         with rng, (model.no_sync() if not sync else contextlib.nullcontext()):
