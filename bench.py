@@ -8,14 +8,17 @@ ratios compare like with like.
     python bench.py --sweep-only        # those variants alone
     python bench.py --profile prof/     # also where each of our steps spends its time (tables, Chrome traces)
 
-(a) the popular tutorial's step: fp32, batch 32, its soft-target loss, default AdamW settings, reading the loss back
+(a) the popular tutorial's step: fp32, batch 32, its soft-target loss, its AdamW groups, reading the loss back
     every step (its progress bar), under PyTorch's default backend settings, which it leaves alone; once more late in
     the run in strict fp32 (TF32 off for convolutions too, as some setups have it), which is not a baseline
 (b) open_clip's CustomTextCLIP step with the closest towers it supports: timm resnet50 + a 6-layer BERT of
-    DistilBERT's width, bf16 autocast, its ClipLoss, as its training script runs it
-(c) this project's step (bf16, channels_last, fused AdamW, SDPA, padding-free text tower), eager and under
-    torch.compile, and eager with a padded text tower; with --sweep also the compiled step's variants (CUDA graphs,
-    inductor settings, a bigger batch, padded text)
+    DistilBERT's width, bf16 autocast, its ClipLoss, as its training script runs it; at our synthetic rows' batch and
+    at the end-to-end rows' batch (every row's ratio is to open_clip at the row's own batch), and late in the run
+    under torch.compile (its opt-in --torchcompile), which is not a baseline
+(c) this project's step (bf16, channels_last, fused AdamW, SDPA, padding-free text tower packed to train.py's fixed
+    width), eager and under torch.compile, and eager with a padded text tower; with --sweep also the compiled step's
+    variants (CUDA graphs, inductor settings, a bigger batch, padded text). Ours, as train.py, adds each loss to a
+    window on the device and reads it back every --log-every steps
 (d) this project's whole training loop on the built-in set drawn at Flickr's size (500x375 JPEGs): the image cache,
     data-loader workers, copies to the device on a stream of their own, device-side augmentation, the step;
     compiled, then once more with the candidate for a new default (CANDIDATES), then eager
@@ -32,6 +35,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import itertools
 import json
 import os
 import re
@@ -100,8 +104,11 @@ def sync(device):
 
 
 def throughput(step, samples: int, sizes: Sizes, device, warmup: int = 0, steps: int = 0) -> float:
-    """samples/s of `step()` after warm-up (which also absorbs compilation); one sync at each end."""
+    """samples/s of `step()` after warm-up (which also absorbs compilation); one sync at each end. The peak memory
+    reported for a row is that of these steps, warm-up included."""
     warmup, steps = warmup or sizes.warmup, steps or sizes.steps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         step()
     sync(device)
@@ -127,7 +134,10 @@ def synthetic_batch(n: int, sizes: Sizes, tokens: int, device) -> tuple[torch.Te
     lengths = torch.randint(tokens // 3, tokens + 1, (n,), generator=g)  # caption-like padding
     mask = torch.arange(tokens)[None, :] < lengths[:, None]
     ids[~mask] = 0
-    text = {"input_ids": ids, "attention_mask": mask, "token_index": torch.from_numpy(token_index(mask.numpy()))}
+    # packed to the width train.py gives every batch: that of the fullest of a run's batches (here 1,000 drawn alike)
+    capacity = int(torch.randint(tokens // 3, tokens + 1, (1000, n), generator=g).sum(1).max())
+    text = {"input_ids": ids, "attention_mask": mask,
+            "token_index": torch.from_numpy(token_index(mask.numpy(), capacity=capacity))}
     return images.to(device), {k: v.to(device) for k, v in text.items()}
 
 
@@ -188,6 +198,7 @@ TUNED = {"benchmark": True, "matmul_tf32": True, "conv_tf32": True}
 # fp32 in the strict sense, TF32 off for convolutions too: one guess at the issue's 545 samples/s (ours measured 782)
 STRICT_FP32 = {"benchmark": False, "matmul_tf32": False, "conv_tf32": False}
 BACKENDS = {"tutorial": PYTORCH_DEFAULTS, "tutorial_strict_fp32": STRICT_FP32}  # every other section: TUNED
+BASELINES = {"tutorial": "tutorial", "open_clip": "open_clip", "open_clip_big": "open_clip"}  # section -> contestant
 
 
 @contextlib.contextmanager
@@ -203,7 +214,11 @@ def cuda_backends(benchmark: bool, matmul_tf32: bool, conv_tf32: bool):
 
 def bench_tutorial(sizes: Sizes, device, label: str = ""):
     model = TutorialCLIP(sizes).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
+    heads = [*model.image_projection.parameters(), *model.text_projection.parameters()]
+    optimizer = torch.optim.AdamW([  # the tutorial's groups: weight decay on the projection heads only
+        {"params": model.image_encoder.parameters(), "lr": 1e-4},
+        {"params": model.text_encoder.parameters(), "lr": 1e-5},
+        {"params": heads, "lr": 1e-3, "weight_decay": 1e-3}], weight_decay=0.0)
     images, text = synthetic_batch(sizes.tutorial_batch, sizes, sizes.tokens, device)
     batch = images, text["input_ids"], text["attention_mask"]
 
@@ -215,13 +230,15 @@ def bench_tutorial(sizes: Sizes, device, label: str = ""):
         loss.item()  # the tutorial's loss meter reads every step's loss on the host
 
     flops = step_flops(lambda: model(*batch).backward()) / sizes.tutorial_batch
-    return [row("a", f"tutorial, fp32{label}", throughput(step, sizes.tutorial_batch, sizes, device), flops,
-                sizes.tutorial_batch)]
+    rate = throughput(step, sizes.tutorial_batch, sizes, device, steps=5 * sizes.steps)  # steps of ~40 ms on an H100
+    return [row("a", f"tutorial, fp32{label}", rate, flops, sizes.tutorial_batch)]
 
 
 # --- (b) open_clip ------------------------------------------------------------------------------------------------
 
-def bench_open_clip(sizes: Sizes, device, dtype):
+def bench_open_clip(sizes: Sizes, device, dtype, batch: int, compile_: bool = False):
+    """open_clip's step as its training script runs it: bf16 autocast, ClipLoss with cached labels, AdamW, the
+    temperature's clamp; with compile_, wrapped in torch.compile as its --torchcompile does."""
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
@@ -235,15 +252,16 @@ def bench_open_clip(sizes: Sizes, device, dtype):
                                      timm_proj="linear", image_size=sizes.image_size),
             text_cfg=CLIPTextCfg(hf_model_name=bert_dir, hf_model_pretrained=False, context_length=sizes.tokens,
                                  vocab_size=sizes.vocab)).to(device).train()
-    loss_fn = open_clip.ClipLoss()
+    loss_fn = open_clip.ClipLoss(cache_labels=True)  # as open_clip_train's create_loss builds it
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2)
-    images, text = synthetic_batch(sizes.batch, sizes, sizes.tokens, device)
+    images, text = synthetic_batch(batch, sizes, sizes.tokens, device)
+    run = torch.compile(model) if compile_ else model
     ids = text["input_ids"]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
-    def forward():
+    def forward(net=run):
         with autocast:
-            image_features, text_features, logit_scale = model(images, ids)
+            image_features, text_features, logit_scale = net(images, ids)
             return loss_fn(image_features, text_features, logit_scale)
 
     def step():
@@ -253,9 +271,13 @@ def bench_open_clip(sizes: Sizes, device, dtype):
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))
 
-    flops = step_flops(lambda: forward().backward()) / sizes.batch
-    name = f"open_clip CustomTextCLIP, {str(dtype).split('.')[-1]}"
-    return [row("b", name, throughput(step, sizes.batch, sizes, device), flops, sizes.batch)]
+    flops = step_flops(lambda: forward(model).backward()) / batch  # counted eagerly
+    name = f"open_clip CustomTextCLIP, {str(dtype).split('.')[-1]}, batch {batch}{', compiled' if compile_ else ''}"
+    try:
+        rate = throughput(step, batch, sizes, device)
+    finally:
+        torch._dynamo.reset()
+    return [row("b", name, rate, flops, batch)]
 
 
 # --- (c) this project's step --------------------------------------------------------------------------------------
@@ -277,6 +299,20 @@ def our_model(cfg: Config, sizes: Sizes, device, dtype):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     model = torch.compile(raw, mode=cfg.compile_mode) if cfg.compile else raw
     return raw, model, optimizer, scaler
+
+
+def loop_step(model, raw: CLIPModel, optimizer, scaler, cfg: Config, device, dtype):
+    """train.py's work per batch once it is loaded: the step, its loss added to a window on the device, and the
+    window read back on the host every --log-every steps (the loop's one sync)."""
+    window, count = torch.zeros((), device=device), itertools.count(1)
+
+    def step(images: torch.Tensor, text: dict):
+        window.add_(train_step(model, raw, optimizer, scaler, images, text, cfg, Dist(), device, dtype, 1.0))
+        if next(count) % cfg.log_every == 0:
+            window.item()
+            window.zero_()
+
+    return step
 
 
 def our_flops(raw: CLIPModel, images: torch.Tensor, text: dict, device, dtype) -> float:
@@ -330,9 +366,10 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
         images = images.contiguous(memory_format=torch.channels_last)
     if not cfg.pack_text:
         del text["token_index"]
+    train = loop_step(model, raw, optimizer, scaler, cfg, device, dtype)
 
     def step():
-        train_step(model, raw, optimizer, scaler, images, text, cfg, Dist(), device, dtype, 1.0)
+        train(images, text)
 
     name = f"ours, {'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens, synthetic{label}"
     flops = our_flops(raw, images, text, device, dtype)
@@ -400,12 +437,11 @@ def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, toke
     indices = batches.run_indices(1000)
     batches.fix_token_capacity(1000)  # as train.py: one token_index shape
     resident = {k: v.to(device) for k, v in batches[0, 0].items()}
+    train = loop_step(model, raw, optimizer, scaler, cfg, device, dtype)
 
     def step(b=None):
         b = b or next(stream)
-        images = pixels(b["pixels"], b["boxes"], device)
-        text = {k: b[k].to(device, non_blocking=True) for k in TEXT_KEYS}
-        train_step(model, raw, optimizer, scaler, images, text, cfg, Dist(), device, dtype, 1.0)
+        train(pixels(b["pixels"], b["boxes"], device), {k: b[k].to(device, non_blocking=True) for k in TEXT_KEYS})
 
     kind = f"{'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens{label}"
     flops = our_flops(raw, pixels(resident["pixels"], resident["boxes"], device), resident, device, dtype)
@@ -532,7 +568,9 @@ def main(argv=None) -> dict:
     # the figures the targets are about first, so that a time limit costs the others (each compile takes a minute)
     sections = [
         ("tutorial", lambda: bench_tutorial(sizes, device)),
-        ("open_clip", lambda: bench_open_clip(sizes, device, dtype)),
+        ("open_clip", lambda: bench_open_clip(sizes, device, dtype, S)),
+        # the end-to-end rows' batch: each row is compared with open_clip at its own batch
+        *([("open_clip_big", lambda: bench_open_clip(sizes, device, dtype, B))] if B != S else []),
         ("eager", lambda: bench_ours(sizes, device, dtype, S, T, False, profile_dir=args.profile)),
         ("compile", lambda: bench_ours(sizes, device, dtype, S, T, True, profile_dir=args.profile)),
         ("e2e", lambda: bench_end_to_end(sizes, device, dtype, folder, B, T, True)),
@@ -541,6 +579,8 @@ def main(argv=None) -> dict:
         ("pipeline", lambda: [bench_pipeline(sizes, device, folder, cache, S) for cache in ("on", "off")]),
         ("eval", lambda: [bench_eval(sizes, device, dtype, folder)]),
         ("checkpoint", lambda: [bench_checkpoint(sizes, device, dtype, Path(args.data_root))]),
+        # open_clip under its opt-in --torchcompile, as our compiled rows are under ours: not a baseline
+        ("open_clip_compiled", lambda: bench_open_clip(sizes, device, dtype, B, compile_=True)),
         ("tutorial_strict_fp32", lambda: bench_tutorial(sizes, device, ", TF32 off for convolutions too")),
         ("eager_padded", lambda: bench_ours(sizes, device, dtype, S, T, False, overrides={"pack_text": False},
                                             label=", text padded (no packing)")),
@@ -553,7 +593,7 @@ def main(argv=None) -> dict:
             sections.append((f"sweep: {label}", functools.partial(
                 bench_ours, sizes, device, dtype, int(B * factor), T, True, mode, knobs, overrides, f", {label}",
                 args.profile)))
-    baselines = {}
+    baselines = {}  # contestant -> {batch: samples/s}
     for tag, fn in sections:
         if tag in skip:
             continue
@@ -579,10 +619,13 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 r["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             r["mfu"] = r["gflop_per_sample"] * 1e9 * r["samples_s"] / peak
-            if tag in ("tutorial", "open_clip"):
-                baselines[tag] = r["samples_s"]
-            r.update({f"vs_{k}": r["samples_s"] / v for k, v in baselines.items()})
-            ratios = ", ".join(f"{r['samples_s'] / v:.2f}x {k}" for k, v in baselines.items())
+            if tag in BASELINES:
+                baselines.setdefault(BASELINES[tag], {})[r["batch"]] = r["samples_s"]
+            # the tutorial's step is batch 32 by definition; open_clip is compared at the row's own batch
+            vs = {k: r["samples_s"] / (by[r["batch"]] if k == "open_clip" else by[sizes.tutorial_batch])
+                  for k, by in baselines.items() if k == "tutorial" or r["batch"] in by}
+            r.update({f"vs_{k}": v for k, v in vs.items()})
+            ratios = ", ".join(f"{v:.2f}x {k}" for k, v in vs.items())
             print(f"({r['section']}) {r['name']}: {r['samples_s']:,.0f} samples/s{f' ({ratios})' if ratios else ''}, "
                   f"{r['gflop_per_sample']:.1f} GFLOP/sample, MFU {100 * r['mfu']:.1f}%"
                   + (f", peak memory {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""), flush=True)

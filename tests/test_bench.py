@@ -1,5 +1,6 @@
 """bench.py --tiny runs every section on the CPU (a smoke test: no timing assertions)."""
 
+import dataclasses
 import gzip
 import json
 
@@ -26,8 +27,8 @@ def test_tiny_benchmark_runs_every_section(tmp_path, capsys):
     written = json.loads((tmp_path / "b.json").read_text())
     assert written["rows"].keys() == rows.keys()
     assert list(written["section_seconds"]) == ["tutorial", "open_clip", "eager", "compile", "e2e", "e2e_candidates",
-                                                "pipeline", "eval", "checkpoint", "tutorial_strict_fp32",
-                                                "eager_padded", "e2e_eager"]
+                                                "pipeline", "eval", "checkpoint", "open_clip_compiled",
+                                                "tutorial_strict_fp32", "eager_padded", "e2e_eager"]
     assert all(seconds > 0 for seconds in written["section_seconds"].values())
     tables = sorted((tmp_path / "profile").glob("*.txt"))
     assert [t.stem for t in tables] == ["ours-compiled-batch-16-16-tokens-synthetic",
@@ -76,7 +77,8 @@ def test_end_to_end_times_the_default_step_then_the_candidate_for_a_new_default(
     monkeypatch.setattr(bench, "our_model", lambda cfg, *args: built.append(cfg) or our_model(cfg, *args))
     monkeypatch.setattr(bench, "CANDIDATES", ("graphs + 1x1 as mm", {"conv_1x1_as_mm": True},
                                               {"compile_mode": "reduce-overhead"}))
-    skip = "tutorial,open_clip,eager,compile,pipeline,eval,checkpoint,tutorial_strict_fp32,eager_padded,e2e_eager"
+    skip = ("tutorial,open_clip,eager,compile,pipeline,eval,checkpoint,open_clip_compiled,tutorial_strict_fp32,"
+            "eager_padded,e2e_eager")
     results = bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
     assert seen == [False, False, True, True]  # on the device, then loaded: default, then the candidate
     assert [(cfg.compile, cfg.compile_mode) for cfg in built] == [(True, "default"), (True, "reduce-overhead")]
@@ -89,16 +91,53 @@ def test_each_contestant_runs_under_its_own_backend_settings(tmp_path, monkeypat
     turn both on. A baseline timed with our settings would look faster than the tutorial its users run."""
     seen = []
 
-    def fake_throughput(step, samples, sizes, device):
+    def fake_throughput(step, samples, sizes, device, **kwargs):
         seen.append((torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
                      torch.backends.cudnn.allow_tf32))
         return 100.0
 
     monkeypatch.setattr(bench, "throughput", fake_throughput)
     before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,compile,e2e,e2e_candidates"
+    skip = "eager_padded,e2e_eager,pipeline,eval,checkpoint,compile,e2e,e2e_candidates,open_clip_compiled"
     bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data")])
     # tutorial, open_clip, ours, then the tutorial in strict fp32 (TF32 off for convolutions too)
     assert seen == [(False, False, True), (True, True, True), (True, True, True), (False, False, False)]
     assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32) == before
+
+
+def test_each_row_is_compared_with_open_clip_at_its_own_batch(tmp_path, monkeypatch):
+    """open_clip runs at the synthetic rows' batch and at the end-to-end rows' batch; a row at the larger batch
+    must not be divided by open_clip's smaller-batch figure (larger batches run faster)."""
+    monkeypatch.setattr(bench, "TINY", dataclasses.replace(bench.TINY, big_batch=2 * bench.TINY.batch))
+    monkeypatch.setattr(bench, "throughput", lambda step, samples, sizes, device, **kwargs: 100.0 * samples)
+    monkeypatch.setattr(bench, "SWEEP", [("default mode", "default", {}, 1, {})])  # ours at the big batch
+    skip = ("tutorial,eager,compile,e2e,e2e_candidates,pipeline,eval,checkpoint,open_clip_compiled,"
+            "tutorial_strict_fp32,eager_padded,e2e_eager")
+    rows = bench.main(["--tiny", "--sweep", "--skip", skip, "--data-root", str(tmp_path / "data")])["rows"]
+    small, big = bench.TINY.batch, 2 * bench.TINY.batch
+    assert rows[f"open_clip CustomTextCLIP, float32, batch {big}"]["vs_open_clip"] == 1.0
+    ours = rows[f"ours, compiled, batch {big}, {bench.TINY.tokens} tokens, synthetic, default mode"]
+    assert ours["vs_open_clip"] == 1.0  # 2.0 against open_clip at batch {small}
+    assert rows[f"open_clip CustomTextCLIP, float32, batch {small}"]["samples_s"] == 100.0 * small
+
+
+def test_our_steps_read_the_loss_back_every_log_every_steps_as_train_py_does(monkeypatch):
+    reads = []
+    monkeypatch.setattr(bench, "train_step", lambda *args: torch.tensor(2.0))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(self.clone()) or 0.0)
+    cfg = bench.our_config(bench.TINY, 16, False, 16, log_every=3)
+    step = bench.loop_step(None, None, None, None, cfg, torch.device("cpu"), torch.float32)
+    for _ in range(7):
+        step(None, None)
+    assert [float(r) for r in reads] == [6.0, 6.0]  # three losses summed, then the window emptied
+
+
+def test_synthetic_text_is_packed_to_a_width_fixed_for_the_run_as_train_py_packs_it():
+    """train.py packs every batch to its run's fullest batch, so a synthetic batch packed to its own tokens alone
+    would do less work than training does."""
+    _, text = bench.synthetic_batch(64, bench.FULL, 48, torch.device("cpu"))
+    real = int(text["attention_mask"].sum())
+    width = text["token_index"].shape[1]
+    assert width > real + 8  # more than rounding up to a multiple of 8 adds
+    assert width <= 64 * 48
