@@ -104,10 +104,12 @@ def test_a_whole_training_step_on_a_gpu_never_waits_for_it():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (.ci/gpu-check runs it)")
 def test_batches_copied_ahead_on_their_own_stream_arrive_whole_in_order_without_a_sync():
-    """on_device copies the next batch while work on the compute stream runs: that work must see every byte of its
-    own batch (it waits for the copy), and nothing may wait on the host."""
+    """on_device copies the next batch while work on the compute stream runs. Each batch's sum is queued at once:
+    without the wait for its copy it would read a half-copied batch (64 MB takes milliseconds to copy); without
+    record_stream a later copy could reuse its memory while the matmuls queued before the sum still run. Nothing may
+    wait on the host."""
     device = torch.device("cuda")
-    batches = [{"pixels": torch.full((256, 64, 64, 3), i, dtype=torch.uint8).pin_memory(),
+    batches = [{"pixels": torch.full((64, 1024, 1024), i + 1, dtype=torch.uint8).pin_memory(),  # 64 MB, never 0
                 "boxes": torch.tensor([[i, 0, 64, 64]]).pin_memory()} for i in range(6)]
     busy = torch.randn(2048, 2048, device=device)
     torch.cuda.synchronize()
@@ -116,13 +118,12 @@ def test_batches_copied_ahead_on_their_own_stream_arrive_whole_in_order_without_
         sums = []
         for batch in on_device(batches, device):
             assert all(v.device.type == "cuda" for v in batch.values())
+            sums.append(torch.stack([batch["pixels"].sum(dtype=torch.int64), batch["boxes"][0, 0]]))
             for _ in range(4):  # a step's worth of kernels, during which the next copy runs
                 busy = busy @ busy / 2048
-            sums.append(torch.stack([batch["pixels"].sum(dtype=torch.float32), batch["boxes"][0, 0].float()]))
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    expected = [[i * 256 * 64 * 64 * 3, i] for i in range(6)]
-    assert torch.stack(sums).tolist() == expected
+    assert torch.stack(sums).tolist() == [[(i + 1) * 64 * 1024 * 1024, i] for i in range(6)]
 
 
 def test_the_ready_made_attention_mask_gives_what_transformers_gives_for_the_plain_mask():
