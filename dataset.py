@@ -338,7 +338,6 @@ class TrainBatches(Dataset):
         return {
             "pixels": torch.from_numpy(self.source.get(self.split.rows[images])),  # (B, S, S, 3) uint8
             "boxes": sample_boxes(generator, len(images), self.source.size, self.crop_scale_min),  # (B, 4)
-            "image_index": torch.from_numpy(images),
             **text_batch(self.split, captions, self.pad_id, self.fixed_length, self.pack_chunks, self.token_capacity),
         }
 
