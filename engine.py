@@ -136,6 +136,21 @@ def backward_grad_cache(model, raw: CLIPModel, images, text: dict, chunks: int, 
     return loss.detach()
 
 
+def clip_gradients(raw: CLIPModel, optimizer, scaler, max_norm: float) -> None:
+    """Scale the gradients so that their global norm is at most max_norm, as clip_grad_norm_ does.
+
+    With fused AdamW and no fp16 grad scaler, the scale rides in the optimiser's kernel instead (its grad_scale
+    input divides every gradient as it reads it), which saves a pass over all gradients (read and write, 0.7 GB for
+    resnet50 + DistilBERT) in every step; train_step removes it after the update."""
+    scaler.unscale_(optimizer)
+    if optimizer.defaults.get("fused") and not scaler.is_enabled():
+        grads = [p.grad for p in raw.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        optimizer.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0)  # clip_grad_norm_'s 1e-6
+    else:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm, foreach=True)
+
+
 def train_step(model, raw: CLIPModel, optimizer, scaler, images, text: dict, cfg: Config, d: Dist, device, dtype,
                lr_scale: float) -> torch.Tensor:
     """Forward, backward and update on one batch; returns the loss as a device tensor (no host sync).
@@ -152,9 +167,11 @@ def train_step(model, raw: CLIPModel, optimizer, scaler, images, text: dict, cfg
         loss = contrastive_loss(image_emb, text_emb, scale, d, cfg.local_loss)
         scaler.scale(loss).backward()
     if cfg.grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip, foreach=True)
-    scaler.step(optimizer)
+        clip_gradients(raw, optimizer, scaler, cfg.grad_clip)
+    try:
+        scaler.step(optimizer)
+    finally:
+        optimizer.__dict__.pop("grad_scale", None)  # a clip handed to the fused kernel holds for this step only
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():  # the temperature's cap, on the parameter (see CLIPModel.scale)

@@ -1,10 +1,14 @@
-"""The schedule and the optimiser's groups, against values worked out by hand."""
+"""The schedule, the optimiser's groups and gradient clipping, against values worked out by hand."""
+
+import copy
 
 import pytest
+import torch
 
-from clip import CLIPModel
+from clip import CLIPModel, clip_loss
 from conftest import tiny_config
-from engine import lr_factor, param_groups
+from distributed import Dist
+from engine import lr_factor, make_optimizer, param_groups, train_step
 
 
 @pytest.mark.parametrize("step, min_frac, expected", [
@@ -36,3 +40,39 @@ def test_every_trainable_weight_is_in_one_group_at_its_towers_rate_and_only_matr
             assert g["lr"] == g["base_lr"] == rates[name.split(".")[0]], name
             decays = p.ndim >= 2  # not norm scales, biases or the temperature
             assert g["weight_decay"] == (0.05 if decays else 0.0), name
+
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_gradient_clipping_gives_the_update_of_gradients_clipped_by_hand(fused):
+    """Adam's first step moves a weight by lr * g / (|g| + eps). The clip is so tight here that the clipped
+    gradients sit below eps, where that step grows with g; unclipped, nearly every weight would move by the whole lr.
+    fused: the optimiser CUDA gets (built here on the CPU), which takes the clip as its kernel's grad_scale input."""
+    lr = 1e-2
+    cfg = tiny_config(grad_clip=1e-4, lr_image=lr, lr_text=lr, lr_head=lr)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg, 500)
+    reference = copy.deepcopy(model)
+    before = copy.deepcopy(model)
+    optimizer = (torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98), eps=1e-6, fused=True) if fused
+                 else make_optimizer(model, cfg, torch.device("cpu")))
+    images, ids = torch.randn(6, 3, 32, 32), torch.randint(5, 500, (6, 16))
+    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    torch.manual_seed(1)  # the same dropout in both forward passes
+    train_step(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), images, text, cfg, Dist(),
+               torch.device("cpu"), torch.float32, lr_scale=1.0)
+    assert not hasattr(optimizer, "grad_scale")  # the clip held for that step only
+
+    torch.manual_seed(1)
+    clip_loss(*reference(images, ids, text["attention_mask"])).backward()
+    grads = [p.grad for p in reference.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).item()
+    assert norm > 100 * cfg.grad_clip  # the clip is at work
+    for g in grads:
+        g.mul_(cfg.grad_clip / (norm + 1e-6))
+    torch.optim.AdamW(param_groups(reference, cfg), betas=(0.9, 0.98), eps=1e-6, foreach=False).step()
+    steps = []
+    for (name, p), q, p0 in zip(model.named_parameters(), reference.parameters(), before.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=lr * 1e-3, msg=name)
+        steps.append((q - p0).abs().flatten())
+    assert torch.cat(steps).median() < lr / 10  # the clipped step: far from the lr an unclipped one takes
