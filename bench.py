@@ -59,7 +59,7 @@ from clip import CLIPModel, clip_loss
 from config import Config
 from dataset import PREFETCH, TEXT_KEYS, CaptionData, Split, TrainBatches, batch_loader, on_device
 from distributed import Dist
-from engine import make_optimizer, micro_texts, train_step
+from engine import compile_model, lower_max_pool_backward, make_optimizer, micro_texts, train_step
 from evaluate import evaluate
 from images import JpegSource, Pixels
 from modules import ProjectionHead
@@ -274,10 +274,26 @@ def bench_open_clip(sizes: Sizes, device, dtype, batch: int, compile_: bool = Fa
     flops = step_flops(lambda: forward(model).backward()) / batch  # counted eagerly
     name = f"open_clip CustomTextCLIP, {str(dtype).split('.')[-1]}, batch {batch}{', compiled' if compile_ else ''}"
     try:
-        rate = throughput(step, batch, sizes, device)
+        with compile_settings({"max_pool_backward": "decomposed"}):  # as torch compiles it for open_clip's users
+            rate = throughput(step, batch, sizes, device)
     finally:
         torch._dynamo.reset()
     return [row("b", name, rate, flops, batch)]
+
+
+@contextlib.contextmanager
+def compile_settings(inductor: dict | None):
+    """torch._inductor.config settings in force while a variant compiles, and one of our own: "max_pool_backward":
+    "decomposed" compiles max-pool's backward as torch decomposes it (engine.lower_max_pool_backward)."""
+    knobs = dict(inductor or {})
+    decomposed = knobs.pop("max_pool_backward", None) == "decomposed"
+    before = lower_max_pool_backward(False) if decomposed else None
+    try:
+        with torch._inductor.config.patch(knobs):
+            yield
+    finally:
+        if decomposed:
+            lower_max_pool_backward(before)
 
 
 # --- (c) this project's step --------------------------------------------------------------------------------------
@@ -297,7 +313,7 @@ def our_model(cfg: Config, sizes: Sizes, device, dtype):
         raw = raw.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    model = torch.compile(raw, mode=cfg.compile_mode) if cfg.compile else raw
+    model = compile_model(raw, cfg.compile_mode, device) if cfg.compile else raw
     return raw, model, optimizer, scaler
 
 
@@ -374,7 +390,7 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
     name = f"ours, {'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens, synthetic{label}"
     flops = our_flops(raw, images, text, device, dtype)
     try:
-        with torch._inductor.config.patch(inductor or {}):
+        with compile_settings(inductor):
             rate = throughput(step, batch, sizes, device)
             if profile_dir is not None:
                 profile(step, device, profile_dir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
@@ -391,6 +407,8 @@ def bench_ours(sizes: Sizes, device, dtype, batch: int, tokens: int, compile_: b
 CANDIDATES = ("CUDA graphs (reduce-overhead)", {}, {"compile_mode": "reduce-overhead"})
 SWEEP = [  # the reference, those not yet measured (BENCHMARKS.md), those measured, max-autotune last (slow compile)
     ("default mode", "default", {}, 1, {}),
+    # the default before the thirteenth session: torch's scatter_add (engine.lower_max_pool_backward)
+    ("max-pool backward as torch decomposes it", "default", {"max_pool_backward": "decomposed"}, 1, {}),
     # PyTorch measured it speeding up inductor's max-pool backward 1.4-1.8x (pytorch/pytorch#103657)
     ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1, {}),
     ("1.5x batch", "default", {}, 1.5, {}),
@@ -446,7 +464,7 @@ def bench_end_to_end(sizes: Sizes, device, dtype, folder: Path, batch: int, toke
     kind = f"{'compiled' if compile_ else 'eager'}, batch {batch}, {tokens} tokens{label}"
     flops = our_flops(raw, pixels(resident["pixels"], resident["boxes"], device), resident, device, dtype)
     try:
-        with torch._inductor.config.patch(inductor or {}):
+        with compile_settings(inductor):
             resident_rate = throughput(lambda: step(resident), batch, sizes, device)  # its warm-up also compiles
             # the loader starts only now, so that nothing it read ahead during compilation is timed
             stream = on_device(batch_loader(batches, indices, sizes.workers, device.type == "cuda"), device)

@@ -45,6 +45,38 @@ def make_optimizer(model: CLIPModel, cfg: Config, device: torch.device) -> torch
                              foreach=None if fused else True)  # betas/eps as in the CLIP paper
 
 
+MAX_POOL_BACKWARD = torch.ops.aten.max_pool2d_with_indices_backward.default
+
+
+def lower_max_pool_backward(lowered: bool = True) -> bool:
+    """Whether torch.compile builds max-pool's backward with inductor's own kernel (True) or as torch decomposes it
+    (False), for models compiled from now on in this process; returns the setting before.
+
+    torch 2.10 and later decompose it into a scatter_add (pytorch/pytorch#167318). On CUDA that is a memset, atomic
+    adds in fp32 and two layout changes of the ResNet stem's activation, the largest in the network: 1.46 ms of a
+    resnet50 step at batch 256 on an H100 (BENCHMARKS.md), for about 0.3 ms of memory traffic. Inductor's own kernel
+    gathers instead: each input pixel reads the (at most four) windows it lies in, in the tensor's own layout, with
+    no atomics, and can fuse into batch norm's backward. On the CPU the decomposition is the faster one."""
+    from torch._decomp import decomposition_table
+    from torch._inductor import decomposition
+
+    table = decomposition.decompositions
+    before = MAX_POOL_BACKWARD not in table
+    if lowered:
+        table.pop(MAX_POOL_BACKWARD, None)
+    elif MAX_POOL_BACKWARD in decomposition_table:
+        table[MAX_POOL_BACKWARD] = decomposition_table[MAX_POOL_BACKWARD]
+    decomposition.fast_random_decomps.cache_clear()  # inductor's cached copy of the table
+    return before
+
+
+def compile_model(model, mode: str, device: torch.device):
+    """torch.compile in the given mode; on CUDA, with max-pool's backward built by inductor's own kernel."""
+    if device.type == "cuda":
+        lower_max_pool_backward(True)
+    return torch.compile(model, mode=mode)
+
+
 def contrastive_loss(image_emb, text_emb, logit_scale, d: Dist, local_loss: bool) -> torch.Tensor:
     """The loss of the global batch: every rank's pairs are negatives for everyone (features gathered with their
     gradients). With local_loss each rank computes only its own rows of the global logit matrix."""

@@ -25,7 +25,7 @@ from clip import CLIPModel
 from config import Config, save_config
 from dataset import RUN_SPLITS, TEXT_KEYS, CaptionData, TrainBatches, batch_loader, on_device, record_split
 from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects, init_distributed
-from engine import global_mean, lr_factor, make_optimizer, train_step
+from engine import compile_model, global_mean, lr_factor, make_optimizer, train_step
 from evaluate import evaluate, format_table
 from images import Pixels
 from plots import plot_curves
@@ -164,7 +164,7 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(
             raw, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        model = torch.compile(model, mode=cfg.compile_mode)
+        model = compile_model(model, cfg.compile_mode, device)
 
     saved_any = cfg.resume  # whether RUN/last holds a checkpoint of this run, for the message of a non-finite loss
 

@@ -76,3 +76,59 @@ def test_gradient_clipping_gives_the_update_of_gradients_clipped_by_hand(fused):
         torch.testing.assert_close(p, q, rtol=0, atol=lr * 1e-3, msg=name)
         steps.append((q - p0).abs().flatten())
     assert torch.cat(steps).median() < lr / 10  # the clipped step: far from the lr an unclipped one takes
+
+
+def _compiled_max_pool_gradient(x: torch.Tensor, weight: torch.Tensor, compile_) -> tuple[torch.Tensor, set]:
+    """The gradient of sum(max_pool(relu(x)) * weight) with respect to x, through the given compile function,
+    and the ops of the graphs inductor built."""
+    ops = set()
+
+    def spy(graph):
+        ops.update(str(node.target) for node in graph.nodes if node.op == "call_function")
+
+    def f(x):
+        return (torch.nn.functional.max_pool2d(torch.relu(x), 3, 2, 1) * weight).sum()
+
+    x = x.detach().clone().requires_grad_()
+    try:
+        with torch._inductor.config.patch(post_grad_custom_post_pass=spy):
+            compile_(f)(x).backward()
+    finally:
+        torch._dynamo.reset()
+    return x.grad, ops
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (.ci/gpu-check runs it)"))])
+def test_max_pool_backward_compiles_as_a_gather_and_gives_eager_gradients(device):
+    """ResNet's stem pool (3x3, stride 2), channels_last, on inputs full of ties (small integers, and ReLU's zeros):
+    each tie's gradient goes to the first maximum, as in eager PyTorch, to the last bit. With torch's decomposition
+    the graph holds a scatter_add; lowered, inductor's own max-pool backward, and the setting is put back after."""
+    from torch._inductor import decomposition
+
+    from engine import MAX_POOL_BACKWARD, compile_model, lower_max_pool_backward
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as under autocast on CUDA
+    # small integers: every gradient, a sum of at most four weights, is exact in any order and in bfloat16
+    x = torch.randint(-2, 4, (4, 8, 17, 16), device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randint(-3, 4, (4, 8, 9, 8), device=device).to(dtype)
+    x_eager = x.clone().requires_grad_()
+    (torch.nn.functional.max_pool2d(torch.relu(x_eager), 3, 2, 1) * weight).sum().backward()
+    decomposed = MAX_POOL_BACKWARD in decomposition.decompositions  # torch 2.10 and later: a scatter_add
+    if device == "cpu":
+        before = lower_max_pool_backward(True)
+        try:
+            lowered, ops = _compiled_max_pool_gradient(x, weight, torch.compile)
+        finally:
+            assert lower_max_pool_backward(before)  # the setting in force was the lowered one
+        assert (MAX_POOL_BACKWARD in decomposition.decompositions) == decomposed  # put back
+        if decomposed:
+            scattered, scatter_ops = _compiled_max_pool_gradient(x, weight, torch.compile)
+            assert "aten.scatter_add.default" in scatter_ops  # the spy sees what it looks for
+            torch.testing.assert_close(scattered, x_eager.grad, rtol=0, atol=0)
+    else:  # compile_model on CUDA lowers it for the rest of the process, as train.py and bench.py do
+        lowered, ops = _compiled_max_pool_gradient(x, weight, lambda f: compile_model(f, "default", x.device))
+    assert "aten.max_pool2d_with_indices_backward.default" in ops
+    assert not any("scatter" in op for op in ops), ops
+    torch.testing.assert_close(lowered, x_eager.grad, rtol=0, atol=0)
