@@ -315,3 +315,63 @@ def test_an_encoder_decoder_that_also_has_a_causal_lm_class_gives_a_tower_that_s
     later[:, 6:] = (later[:, 6:] + 1) % 500
     with torch.no_grad():
         assert not torch.allclose(tower(ids, torch.ones_like(ids)), tower(later, torch.ones_like(ids)))
+
+
+def test_relu_compiled_from_its_input_gives_relus_values_and_gradients_to_the_bit():
+    """Negatives, zeros (gradient 0 there, as torch.relu's), positives and NaN (passed on, both ways)."""
+    from modules import ReLU
+
+    x = torch.tensor([-2.0, -0.0, 0.0, 1e-30, 3.0, float("nan"), float("-inf"), float("inf")])
+    grad = torch.arange(1.0, 9.0)
+    expected_x = x.clone().requires_grad_()
+    torch.relu(expected_x).backward(grad)
+    for run in [ReLU(), torch.compile(ReLU())]:  # eager: nn.ReLU's own path; compiled: the where
+        ours = x.clone().requires_grad_()
+        out = run(ours)
+        out.backward(grad)
+        torch.testing.assert_close(out, torch.relu(x), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(ours.grad, expected_x.grad, rtol=0, atol=0, equal_nan=True)
+    torch._dynamo.reset()
+
+
+def _masks_read_from_saved_activations(model: torch.nn.Module, device: str) -> int:
+    """In the compiled backward of conv -> batch norm -> act -> conv, the ReLU masks (x <= 0) computed straight
+    from a tensor the forward saved, i.e. read from memory, rather than rebuilt inside batch norm's kernels."""
+    backward = []
+
+    def spy(graph):
+        if any("convolution_backward" in str(node.target) for node in graph.nodes):
+            backward.append(graph)
+
+    x = torch.randn(8, 4, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch._inductor.config.patch(post_grad_custom_post_pass=spy), \
+                torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):  # as train.py on CUDA
+            torch.compile(model.to(device))(x).float().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    (graph,) = backward
+    return sum(node.target == torch.ops.aten.le.Scalar and node.args[0].op == "placeholder" for node in graph.nodes)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (.ci/gpu-check runs it)"))])
+def test_compiled_batch_norm_backward_rebuilds_the_relu_mask_instead_of_reading_the_relu_output(device):
+    from modules import relu_mask_from_input
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                                   torch.nn.ReLU(inplace=True), torch.nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                                   torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1)
+                                   ).to(memory_format=torch.channels_last)
+
+    assert _masks_read_from_saved_activations(net(), device) == 2  # torch's ReLU: read from its saved output
+    assert _masks_read_from_saved_activations(relu_mask_from_input(net()), device) == 0
+
+
+def test_image_towers_use_the_relu_that_masks_from_its_input():
+    from modules import ReLU
+
+    acts = [m for m in ImageEncoder("resnet10t", False, 32).modules() if isinstance(m, torch.nn.ReLU)]
+    assert acts and all(type(m) is ReLU for m in acts)
