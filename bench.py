@@ -576,6 +576,8 @@ def main(argv=None) -> dict:
                    "inductor settings, batch size), several minutes each on a GPU")
     p.add_argument("--sweep-only", action="store_true", help="the sweep alone, its reference variant first (for a "
                    "second, shorter call on a lent GPU)")
+    p.add_argument("--sweep-first", action="store_true", help="with --sweep: its variants before the other sections "
+                   "(for a second call that measures new defaults against the old ways first)")
     args = p.parse_args(argv)
     sizes = TINY if args.tiny else FULL
     device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
@@ -614,10 +616,10 @@ def main(argv=None) -> dict:
     if args.sweep_only:
         sections = []
     if args.sweep or args.sweep_only:
-        for label, mode, knobs, factor, overrides in SWEEP:
-            sections.append((f"sweep: {label}", functools.partial(
-                bench_ours, sizes, device, dtype, int(B * factor), T, True, mode, knobs, overrides, f", {label}",
-                args.profile)))
+        sweep = [(f"sweep: {label}", functools.partial(
+            bench_ours, sizes, device, dtype, int(B * factor), T, True, mode, knobs, overrides, f", {label}",
+            args.profile)) for label, mode, knobs, factor, overrides in SWEEP]
+        sections = sweep + sections if args.sweep_first else sections + sweep
     baselines = {}  # contestant -> {batch: samples/s}
     for tag, fn in sections:
         if tag in skip:

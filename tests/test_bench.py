@@ -135,6 +135,18 @@ def test_each_row_is_compared_with_open_clip_at_its_own_batch(tmp_path, monkeypa
     assert rows[f"open_clip CustomTextCLIP, float32, batch {small}"]["samples_s"] == 100.0 * small
 
 
+def test_sweep_first_times_the_variants_before_the_sections_a_first_call_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "throughput", lambda step, samples, sizes, device, **kwargs: 100.0)
+    monkeypatch.setattr(bench, "SWEEP", [("default mode", "default", {}, 1, {}),
+                                         ("pool", "default", {"max_pool_backward": "decomposed"}, 1, {})])
+    skip = ("tutorial,open_clip,open_clip_big,compile,e2e,e2e_candidates,pipeline,eval,checkpoint,"
+            "open_clip_compiled,tutorial_strict_fp32,e2e_eager")
+    argv = ["--tiny", "--sweep", "--skip", skip, "--data-root", str(tmp_path / "data")]
+    assert list(bench.main(argv + ["--sweep-first"])["section_seconds"]) == [
+        "sweep: default mode", "sweep: pool", "eager", "eager_padded"]
+    assert list(bench.main(argv)["section_seconds"]) == ["eager", "eager_padded", "sweep: default mode", "sweep: pool"]
+
+
 def test_our_steps_read_the_loss_back_every_log_every_steps_as_train_py_does(monkeypatch):
     reads = []
     monkeypatch.setattr(bench, "train_step", lambda *args: torch.tensor(2.0))
