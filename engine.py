@@ -66,7 +66,9 @@ def lower_max_pool_backward(lowered: bool = True) -> bool:
         table.pop(MAX_POOL_BACKWARD, None)
     elif MAX_POOL_BACKWARD in decomposition_table:
         table[MAX_POOL_BACKWARD] = decomposition_table[MAX_POOL_BACKWARD]
-    decomposition.fast_random_decomps.cache_clear()  # inductor's cached copy of the table
+    cached = getattr(decomposition, "fast_random_decomps", None)  # inductor's cached copy of the table
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
     return before
 
 
