@@ -49,6 +49,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np
 import timm
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
@@ -291,12 +292,15 @@ def compile_settings(inductor: dict | None):
     decomposed = knobs.pop("max_pool_backward", None) == "decomposed"
     relu_from_output = knobs.pop("relu_mask", None) == "output"
     before = lower_max_pool_backward(False) if decomposed else None
-    modules.RELU_MASK_FROM_INPUT = not relu_from_output
+    relu_before, modules.RELU_MASK_FROM_INPUT = modules.RELU_MASK_FROM_INPUT, not relu_from_output
     try:
-        with torch._inductor.config.patch(knobs):
+        # torch's AOTAutograd cache keys a compile on its graph and settings, not on the decomposition table: left
+        # on, the decomposed variant would reuse the lowered compile of the same model (on disk, or from this run)
+        with torch._inductor.config.patch(knobs), \
+                torch._functorch.config.patch(enable_autograd_cache=not decomposed):
             yield
     finally:
-        modules.RELU_MASK_FROM_INPUT = True
+        modules.RELU_MASK_FROM_INPUT = relu_before
         if decomposed:
             lower_max_pool_backward(before)
 
@@ -579,6 +583,8 @@ def main(argv=None) -> dict:
     p.add_argument("--sweep-first", action="store_true", help="with --sweep: its variants before the other sections "
                    "(for a second call that measures new defaults against the old ways first)")
     args = p.parse_args(argv)
+    if args.sweep_first and not args.sweep:
+        p.error("--sweep-first orders the sweep before the other sections: add --sweep")
     sizes = TINY if args.tiny else FULL
     device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

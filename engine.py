@@ -56,7 +56,10 @@ def lower_max_pool_backward(lowered: bool = True) -> bool:
     adds in fp32 and two layout changes of the ResNet stem's activation, the largest in the network: 1.46 ms of a
     resnet50 step at batch 256 on an H100 (BENCHMARKS.md), for about 0.3 ms of memory traffic. Inductor's own kernel
     gathers instead: each input pixel reads the (at most four) windows it lies in, in the tensor's own layout, with
-    no atomics, and can fuse into batch norm's backward. On the CPU the decomposition is the faster one."""
+    no atomics, and can fuse into batch norm's backward. On the CPU the decomposition is the faster one.
+
+    torch's AOTAutograd cache does not key on the decomposition table: a process that compiles one model both ways
+    must turn that cache off for one of them (bench.compile_settings does)."""
     from torch._decomp import decomposition_table
     from torch._inductor import decomposition
 
@@ -180,7 +183,8 @@ def clip_gradients(raw: CLIPModel, optimizer, scaler, max_norm: float) -> None:
     if optimizer.defaults.get("fused") and not scaler.is_enabled():
         grads = [p.grad for p in raw.parameters() if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, foreach=True)
-        optimizer.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0)  # clip_grad_norm_'s 1e-6
+        # clip_grad_norm_'s 1e-6; the fused kernels read the scale as fp32
+        optimizer.grad_scale = torch.clamp((total.float() + 1e-6) / max_norm, min=1.0)
     else:
         torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm, foreach=True)
 

@@ -135,6 +135,32 @@ def test_each_row_is_compared_with_open_clip_at_its_own_batch(tmp_path, monkeypa
     assert rows[f"open_clip CustomTextCLIP, float32, batch {small}"]["samples_s"] == 100.0 * small
 
 
+def test_the_old_max_pool_variant_compiles_afresh_rather_than_reuse_the_cached_lowered_compile(tmp_path,
+                                                                                                monkeypatch):
+    """torch's AOTAutograd cache does not key on the decomposition table: with it on, the variant that times
+    torch's max-pool backward would find and time the lowered compile of the same graph."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+
+    def compile_and_run() -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        x = torch.randn(2, 3, 9, 9, requires_grad=True)
+        torch.compile(lambda x: torch.nn.functional.max_pool2d(x, 3, 2, 1).sum())(x).backward()
+        return counters["aot_autograd"]["autograd_cache_hit"]
+
+    before = lower_max_pool_backward(True)
+    try:
+        compile_and_run()
+        assert compile_and_run() == 1  # the lowered compile, found in the cache
+        with bench.compile_settings({"max_pool_backward": "decomposed"}):
+            assert compile_and_run() == 0
+    finally:
+        lower_max_pool_backward(before)
+        torch._dynamo.reset()
+
+
 def test_sweep_first_times_the_variants_before_the_sections_a_first_call_left(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "throughput", lambda step, samples, sizes, device, **kwargs: 100.0)
     monkeypatch.setattr(bench, "SWEEP", [("default mode", "default", {}, 1, {}),

@@ -78,6 +78,26 @@ def test_gradient_clipping_gives_the_update_of_gradients_clipped_by_hand(fused):
     assert torch.cat(steps).median() < lr / 10  # the clipped step: far from the lr an unclipped one takes
 
 
+@pytest.mark.parametrize("max_norm, scale", [(1.0, 5.0), (10.0, 1.0)], ids=["above the limit", "below it"])
+def test_fused_clipping_hands_adamw_the_scale_of_gradients_above_the_limit_and_no_other(max_norm, scale):
+    """A gradient of norm 5: clipped to 1, fused AdamW divides it by 5 (and the gradient itself stays as it is);
+    under a limit of 10 it is left alone, by either path."""
+    from engine import clip_gradients
+
+    for fused in [True, False]:
+        layer = torch.nn.Linear(2, 2, bias=False)
+        layer.weight.grad = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+        optimizer = torch.optim.AdamW(layer.parameters(), fused=fused, foreach=None if fused else True)
+        clip_gradients(layer, optimizer, torch.amp.GradScaler("cpu", enabled=False), max_norm)
+        if fused:
+            assert optimizer.grad_scale.dtype == torch.float32
+            torch.testing.assert_close(optimizer.grad_scale, torch.tensor(scale), rtol=1e-6, atol=0)
+            torch.testing.assert_close(layer.weight.grad, torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+        else:
+            assert not hasattr(optimizer, "grad_scale")
+            torch.testing.assert_close(layer.weight.grad, torch.tensor([[3.0, 0.0], [0.0, 4.0]]) / scale)
+
+
 def _compiled_max_pool_gradient(x: torch.Tensor, weight: torch.Tensor, compile_) -> tuple[torch.Tensor, set]:
     """The gradient of sum(max_pool(relu(x)) * weight) with respect to x, through the given compile function,
     and the ops of the graphs inductor built."""

@@ -325,18 +325,21 @@ def test_relu_compiled_from_its_input_gives_relus_values_and_gradients_to_the_bi
     grad = torch.arange(1.0, 9.0)
     expected_x = x.clone().requires_grad_()
     torch.relu(expected_x).backward(grad)
-    for run in [ReLU(), torch.compile(ReLU())]:  # eager: nn.ReLU's own path; compiled: the where
-        ours = x.clone().requires_grad_()
-        out = run(ours)
-        out.backward(grad)
-        torch.testing.assert_close(out, torch.relu(x), rtol=0, atol=0, equal_nan=True)
-        torch.testing.assert_close(ours.grad, expected_x.grad, rtol=0, atol=0, equal_nan=True)
-    torch._dynamo.reset()
+    try:
+        for run in [ReLU(), torch.compile(ReLU())]:  # eager: nn.ReLU's own path; compiled: the where
+            ours = x.clone().requires_grad_()
+            out = run(ours)
+            out.backward(grad)
+            torch.testing.assert_close(out, torch.relu(x), rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(ours.grad, expected_x.grad, rtol=0, atol=0, equal_nan=True)
+    finally:
+        torch._dynamo.reset()
 
 
 def _masks_read_from_saved_activations(model: torch.nn.Module, device: str) -> int:
-    """In the compiled backward of conv -> batch norm -> act -> conv, the ReLU masks (x <= 0) computed straight
-    from a tensor the forward saved, i.e. read from memory, rather than rebuilt inside batch norm's kernels."""
+    """In the compiled backward of conv -> batch norm -> act -> conv, the ReLU masks read from memory: computed
+    straight from a tensor the forward saved (x <= 0), or saved as such (a bool tensor), rather than rebuilt inside
+    batch norm's kernels."""
     backward = []
 
     def spy(graph):
@@ -351,7 +354,9 @@ def _masks_read_from_saved_activations(model: torch.nn.Module, device: str) -> i
     finally:
         torch._dynamo.reset()
     (graph,) = backward
-    return sum(node.target == torch.ops.aten.le.Scalar and node.args[0].op == "placeholder" for node in graph.nodes)
+    saved_masks = [node for node in graph.nodes if node.op == "placeholder" and node.meta["val"].dtype == torch.bool]
+    return len(saved_masks) + sum(node.target == torch.ops.aten.le.Scalar and node.args[0].op == "placeholder"
+                                  for node in graph.nodes)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
