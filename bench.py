@@ -63,7 +63,6 @@ from distributed import Dist
 from engine import compile_model, lower_max_pool_backward, make_optimizer, micro_texts, train_step
 from evaluate import evaluate
 from images import JpegSource, Pixels
-import modules
 from modules import ProjectionHead
 from packing import token_index
 from shapes import make_shapes
@@ -285,14 +284,11 @@ def bench_open_clip(sizes: Sizes, device, dtype, batch: int, compile_: bool = Fa
 
 @contextlib.contextmanager
 def compile_settings(inductor: dict | None):
-    """torch._inductor.config settings in force while a variant compiles, and two of our own, to time the way torch
-    does it: "max_pool_backward": "decomposed" (engine.lower_max_pool_backward) and "relu_mask": "output"
-    (modules.ReLU)."""
+    """torch._inductor.config settings in force while a variant compiles, and one of our own: "max_pool_backward":
+    "decomposed" compiles max-pool's backward as torch decomposes it (engine.lower_max_pool_backward)."""
     knobs = dict(inductor or {})
     decomposed = knobs.pop("max_pool_backward", None) == "decomposed"
-    relu_from_output = knobs.pop("relu_mask", None) == "output"
     before = lower_max_pool_backward(False) if decomposed else None
-    relu_before, modules.RELU_MASK_FROM_INPUT = modules.RELU_MASK_FROM_INPUT, not relu_from_output
     try:
         # torch's AOTAutograd cache keys a compile on its graph and settings, not on the decomposition table: left
         # on, the decomposed variant would reuse the lowered compile of the same model (on disk, or from this run)
@@ -300,7 +296,6 @@ def compile_settings(inductor: dict | None):
                 torch._functorch.config.patch(enable_autograd_cache=not decomposed):
             yield
     finally:
-        modules.RELU_MASK_FROM_INPUT = relu_before
         if decomposed:
             lower_max_pool_backward(before)
 
@@ -418,8 +413,6 @@ SWEEP = [  # the reference, those not yet measured (BENCHMARKS.md), those measur
     ("default mode", "default", {}, 1, {}),
     # the default before the thirteenth session: torch's scatter_add (engine.lower_max_pool_backward)
     ("max-pool backward as torch decomposes it", "default", {"max_pool_backward": "decomposed"}, 1, {}),
-    # also new in the thirteenth session: ReLU's mask from its output, as torch.relu's backward takes it
-    ("ReLU backward masked by its output", "default", {"relu_mask": "output"}, 1, {}),
     # PyTorch measured it speeding up inductor's max-pool backward 1.4-1.8x (pytorch/pytorch#103657)
     ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1, {}),
     ("1.5x batch", "default", {}, 1.5, {}),

@@ -17,34 +17,6 @@ from packing import packed_forward
 from utils import hub_error, model_type_of
 
 
-RELU_MASK_FROM_INPUT = True  # see ReLU; bench.py's sweep turns it off to time torch's way
-
-
-class ReLU(nn.ReLU):
-    """nn.ReLU whose compiled backward takes its mask from the input instead of the output: the same values and
-    gradients (zero at 0, NaN passed on), one read less per batch norm in a compiled step.
-
-    After conv -> batch norm -> ReLU, batch norm's two backward kernels read the convolution's output anyway, and
-    ReLU's mask (output > 0) made them read the ReLU output too. From the input, inductor rebuilds the mask inside
-    those kernels from what they read already (tested on the compiled graph). In a resnet50 at batch 256 those
-    reads come to about 4 GB per step, 1.4 ms at an H100's 3 TB/s. Eager, where nothing fuses, it is nn.ReLU;
-    compiled, inplace=True no longer overwrites the input (timm's blocks never read it again)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if RELU_MASK_FROM_INPUT and torch.compiler.is_compiling():
-            return torch.where(x <= 0, 0.0, x)  # relu's values and, through where, its gradient: grad * (x > 0)
-        return super().forward(x)
-
-
-def relu_mask_from_input(model: nn.Module) -> nn.Module:
-    """Every nn.ReLU in the model replaced by ReLU (no weights change)."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.ReLU:
-                setattr(module, name, ReLU(inplace=child.inplace))
-    return model
-
-
 class ImageEncoder(nn.Module):
     """Any timm model, classifier removed: (B, 3, H, W) -> (B, num_features) pooled features."""
 
@@ -65,7 +37,6 @@ class ImageEncoder(nn.Module):
             repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", "") or ""
             raise hub_error(name, "timm image weights", "--no-image-pretrained (random initialisation)", e,
                             repo) from None
-        relu_mask_from_input(self.model)
         # pooled width: num_features, unless the model has a layer after pooling (MobileNetV3, GhostNet, ...)
         self.out_dim = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self._check_size(name, image_size)

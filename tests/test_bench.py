@@ -8,7 +8,6 @@ import torch
 from torch._inductor import decomposition
 
 import bench
-import modules
 from engine import MAX_POOL_BACKWARD, lower_max_pool_backward
 
 
@@ -50,7 +49,7 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
 
     def fake_throughput(step, samples, sizes, device):
         decomposed = MAX_POOL_BACKWARD in decomposition.decompositions
-        seen.append((samples, torch._inductor.config.conv_1x1_as_mm, decomposed, modules.RELU_MASK_FROM_INPUT))
+        seen.append((samples, torch._inductor.config.conv_1x1_as_mm, decomposed))
         return 100.0
 
     monkeypatch.setattr(bench, "throughput", fake_throughput)
@@ -58,8 +57,7 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
     monkeypatch.setattr(bench, "our_model", lambda cfg, *args: built.append(cfg) or our_model(cfg, *args))
     monkeypatch.setattr(bench, "SWEEP", [("plain", "default", {}, 1, {}),
                                          ("1x1 as mm", "default", {"conv_1x1_as_mm": True}, 2, {"dropout": 0.0}),
-                                         ("pool", "default", {"max_pool_backward": "decomposed"}, 1, {}),
-                                         ("relu", "default", {"relu_mask": "output"}, 1, {})])
+                                         ("pool", "default", {"max_pool_backward": "decomposed"}, 1, {})])
     before = lower_max_pool_backward(True)  # as compiling on CUDA leaves it
     try:
         results = bench.main(["--tiny", "--sweep-only", "--data-root", str(tmp_path / "data")])
@@ -68,12 +66,11 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
         lower_max_pool_backward(before)
     assert not (tmp_path / "data").exists()  # the sweep alone draws no data set
     big = bench.TINY.big_batch
-    assert seen == [(big, False, False, True), (2 * big, True, False, True), (big, False, True, True),
-                    (big, False, False, False)]
-    assert not torch._inductor.config.conv_1x1_as_mm and modules.RELU_MASK_FROM_INPUT  # restored afterwards
-    assert [(cfg.compile, cfg.dropout) for cfg in built] == [(True, 0.1), (True, 0.0), (True, 0.1), (True, 0.1)]
+    assert seen == [(big, False, False), (2 * big, True, False), (big, False, True)]
+    assert not torch._inductor.config.conv_1x1_as_mm  # restored afterwards
+    assert [(cfg.compile, cfg.dropout) for cfg in built] == [(True, 0.1), (True, 0.0), (True, 0.1)]
     names = [name for name in results["rows"]]
-    assert len(names) == 4 and names[0].endswith(", plain") and names[1].endswith(", 1x1 as mm"), names
+    assert len(names) == 3 and names[0].endswith(", plain") and names[1].endswith(", 1x1 as mm"), names
 
 
 def test_end_to_end_times_the_default_step_then_the_candidate_for_a_new_default(tmp_path, monkeypatch):
