@@ -52,9 +52,10 @@ def lower_max_pool_backward(lowered: bool = True) -> bool:
     """Whether torch.compile builds max-pool's backward with inductor's own kernel (True) or as torch decomposes it
     (False), for models compiled from now on in this process; returns the setting before.
 
-    torch 2.10 and later decompose it into a scatter_add (pytorch/pytorch#167318). On CUDA that is a memset, atomic
-    adds in fp32 and two layout changes of the ResNet stem's activation, the largest in the network: 1.46 ms of a
-    resnet50 step at batch 256 on an H100 (BENCHMARKS.md), for about 0.3 ms of memory traffic. Inductor's own kernel
+    Recent torch (2.14 here; pytorch/pytorch#167318) decomposes it into a scatter_add. On CUDA that is a memset,
+    atomic adds in fp32 and two layout changes of the ResNet stem's activation, the largest in the network, which
+    fits the 1.46 ms this kernel took of a resnet50 step at batch 256 on an H100 (BENCHMARKS.md), for about 0.3 ms of
+    memory traffic. Inductor's own kernel
     gathers instead: each input pixel reads the (at most four) windows it lies in, in the tensor's own layout, with
     no atomics, and can fuse into batch norm's backward. On the CPU the decomposition is the faster one.
 
