@@ -158,6 +158,18 @@ def test_the_old_max_pool_variant_compiles_afresh_rather_than_reuse_the_cached_l
         torch._dynamo.reset()
 
 
+def test_every_sweep_and_candidate_setting_is_one_inductor_or_bench_knows():
+    """A misspelt setting would fail only on the GPU, in its minutes of compiling."""
+    known = set(torch._inductor.config.get_config_copy()) | {"max_pool_backward"}
+    settings = [knobs for _, _, knobs, _, _ in bench.SWEEP] + [bench.CANDIDATES[1]]
+    assert all(set(knobs) <= known for knobs in settings), settings
+    modes = {mode for _, mode, _, _, _ in bench.SWEEP}
+    assert modes <= set(torch._inductor.list_mode_options()) | {"default"}, modes
+    fields = {f.name for f in dataclasses.fields(bench.Config)}
+    overrides = [o for *_, o in bench.SWEEP] + [bench.CANDIDATES[2]]
+    assert all(set(o) <= fields for o in overrides), overrides
+
+
 def test_sweep_first_times_the_variants_before_the_sections_a_first_call_left(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "throughput", lambda step, samples, sizes, device, **kwargs: 100.0)
     monkeypatch.setattr(bench, "SWEEP", [("default mode", "default", {}, 1, {}),
