@@ -55,9 +55,9 @@ def lower_max_pool_backward(lowered: bool = True) -> bool:
     Recent torch (2.14 here; pytorch/pytorch#167318) decomposes it into a scatter_add. On CUDA that is a memset,
     atomic adds in fp32 and two layout changes of the ResNet stem's activation, the largest in the network, which
     fits the 1.46 ms this kernel took of a resnet50 step at batch 256 on an H100 (BENCHMARKS.md), for about 0.3 ms of
-    memory traffic. Inductor's own kernel
-    gathers instead: each input pixel reads the (at most four) windows it lies in, in the tensor's own layout, with
-    no atomics, and can fuse into batch norm's backward. On the CPU the decomposition is the faster one.
+    memory traffic. Inductor's own kernel gathers instead: each input pixel reads the (at most four) windows it lies
+    in, in the tensor's own layout, with no atomics, and can fuse into batch norm's backward. On the CPU the
+    decomposition is the faster one.
 
     torch's AOTAutograd cache does not key on the decomposition table: a process that compiles one model both ways
     must turn that cache off for one of them (bench.compile_settings does)."""
