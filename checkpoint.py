@@ -6,8 +6,9 @@ A run directory holds checkpoints/step-XXXXXXXX/ folders and two symbolic links,
     text_config.json      the text tower's architecture, so loading never downloads anything
     tokenizer/            the tokenizer the model was trained with
     training_state.safetensors   optimiser moments and RNG tensors, for exact resume
-Each folder is written under a temporary name, flushed, and renamed; the links are then swapped atomically. A crash at
-any moment leaves the previous `last` and `best` loadable.
+Each folder is written under a temporary name, flushed, and renamed; the links are then swapped atomically, `best`
+before `last`. A crash at any moment leaves the previous `last` and `best` loadable, and a crash between the two swaps
+leaves `best` ahead of `last`, which resuming repairs (finish_interrupted_save).
 """
 
 import json
@@ -204,11 +205,29 @@ def write(snapshot: Snapshot, run_dir, links) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    for name in links:
+    for name in [n for n in ("best", "last") if n in links]:  # best first: see finish_interrupted_save
         _point(run_dir / name, f"{CHECKPOINTS}/{snapshot.folder_name}")
     fsync_dir(run_dir)
     _collect_garbage(run_dir)
     return final
+
+
+def finish_interrupted_save(run_dir) -> str | None:
+    """Point `last` at `best` where a crash came between write()'s two link swaps: `best` then holds a later step
+    than `last`, or there is no `last` yet. Returns what it did, or None where the links agree.
+
+    Resuming from the older `last` instead would restart before the best score was reached, and its next save would
+    delete the folder only `best` points to."""
+    run_dir = Path(run_dir)
+    last, best = run_dir / "last", run_dir / "best"
+    if not (best / "checkpoint.json").exists():
+        return None
+    best_step = _read_json(best / "checkpoint.json")["state"]["step"]
+    if (last / "checkpoint.json").exists() and _read_json(last / "checkpoint.json")["state"]["step"] >= best_step:
+        return None
+    _point(last, os.readlink(best))
+    fsync_dir(run_dir)
+    return f"{last} now points where {best} does ({os.readlink(best)}, step {best_step}): a save was cut short"
 
 
 def save_checkpoint(run_dir, links, model, cfg: Config, tokenizer, state: dict, provenance: dict,

@@ -21,7 +21,8 @@ from clip import clip_loss
 from dataset import (RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, legacy_train_names, on_device,
                      read_json_file, text_batch, trained_images)
 from images import Pixels
-from utils import autocast, checkpoint_data_dir, inference_precision, pick_device, trained_data_dir, write_json
+from utils import (autocast, checkpoint_data_dir, fast_cuda_kernels, inference_precision, pick_device,
+                   trained_data_dir, write_json)
 
 KS = (1, 5, 10)
 
@@ -186,6 +187,7 @@ def main(argv=None) -> dict:
         p.error(f"--json {args.json} is a folder; name the file to write, e.g. {Path(args.json) / 'test.json'}")
     try:
         device = pick_device(args.device)
+        fast_cuda_kernels(device)  # as in training, whose test_metrics.json this should reproduce
         checkpoint = locate(args.checkpoint)  # the folder used, as named: the title says which
         model, cfg, tokenizer = load_model(checkpoint, device)
         dtype = inference_precision(cfg.precision, device)

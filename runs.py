@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from shlex import quote
 
-from checkpoint import read_info
+from checkpoint import finish_interrupted_save, read_info
 from config import PRESETS, Config, build_parser, config_from_args, config_from_dict, flag, validate_with_preset
 from distributed import Dist, barrier, broadcast_object
 from utils import atomic_write, read_jsonl
@@ -70,10 +70,12 @@ def check_mid_epoch_resume(run_dir: Path, cfg: Config, world: int) -> None:
 
 def drop_rows_after(metrics_file: Path, epoch: int) -> None:
     """Forget metrics of epochs after the checkpoint being resumed: a run killed while that epoch's checkpoint was
-    being written logged the epoch, and will log it again."""
+    being written logged the epoch, and will log it again. A last line cut short goes too, or the next row would be
+    appended to it."""
     if metrics_file.exists():
         rows = read_jsonl(metrics_file)
-        if any(row["epoch"] > epoch for row in rows):
+        torn = not metrics_file.read_text().endswith("\n") and metrics_file.stat().st_size > 0
+        if torn or any(row["epoch"] > epoch for row in rows):
             with atomic_write(metrics_file) as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows if row["epoch"] <= epoch)
 
@@ -84,6 +86,9 @@ def find_run_dir(cfg: Config, d: Dist) -> Path:
     if d.main:
         # a run stopped before its first checkpoint left only config.json, env.json and splits.json: nothing to lose
         has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
+        repaired = finish_interrupted_save(run_dir) if cfg.resume else None
+        if repaired:
+            print(f"note: {repaired}")
         if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
             raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
         if cfg.resume:

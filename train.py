@@ -31,7 +31,8 @@ from images import Pixels
 from plots import plot_curves
 from runs import drop_rows_after, find_run_dir, interrupted, prepare_run_dir, resolve_config
 from tokenizer import load_tokenizer
-from utils import HubError, append_jsonl, pick_device, pick_precision, provenance, seed_everything, write_json
+from utils import (HubError, append_jsonl, fast_cuda_kernels, pick_device, pick_precision, provenance, seed_everything,
+                   write_json)
 
 
 def stop(signum, frame):
@@ -137,10 +138,7 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         data, tokenizer, raw, pixels, optimizer, scaler, batches, state = build(cfg, d, device, dtype, run_dir)
     except (ValueError, FileNotFoundError, HubError) as e:
         raise SystemExit(f"train.py: error: {e}") from None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # pick the fastest convolution kernels for our fixed shapes
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever stays in fp32
-        torch.backends.cudnn.allow_tf32 = True
+    fast_cuda_kernels(device)
     prepare_run_dir(run_dir, cfg, d)
     cfg.run_dir = str(run_dir)
     if d.main:

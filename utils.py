@@ -55,6 +55,15 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def fast_cuda_kernels(device: torch.device) -> None:
+    """On CUDA: cuDNN picks the fastest convolution for each shape, and what stays in fp32 (the similarity matrices,
+    the loss) runs in TF32. Training and evaluate.py both set it, so that their recall agrees to the last tie."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def trained_data_dir(data_dir: str) -> Path:
     """The data folder a checkpoint's config names. Its path is as given to train.py, often relative to the repo
     (data/shapes); from another working directory (a notebook kernel, a script elsewhere) look for it in the repo."""
@@ -133,8 +142,21 @@ def append_jsonl(path, obj) -> None:
 
 
 def read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a JSON-lines log. A last line cut short (the machine went down, or the disk filled, while it was
+    written) is left out; a damaged line before it is an error naming the file and the line."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path}, line {number}, is not JSON ({e}): repair or delete that line") from None
+    return rows
 
 
 def git_sha() -> str:

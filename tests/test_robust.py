@@ -23,6 +23,7 @@ import train
 from clip import CLIPModel, clip_loss
 from config import Config
 from conftest import TINY, tiny_config
+from distributed import Dist
 from engine import lr_factor, make_optimizer, param_groups
 from utils import append_jsonl, atomic_write, read_jsonl
 
@@ -130,6 +131,38 @@ checkpoint.save_checkpoint({str(copy)!r}, ["last", "best"], model, cfg, tokenize
     model, cfg, tokenizer = checkpoint.load_model(copy / "last")
     checkpoint.save_checkpoint(copy, ["last"], model, cfg, tokenizer, {"step": 1000}, {})
     assert not (copy / "checkpoints" / ".step-00000999.tmp").exists()
+    assert os.readlink(copy / "last") == "checkpoints/step-00001000"
+
+
+def test_a_crash_between_the_link_swaps_is_finished_on_resume(tiny_run, tmp_path, monkeypatch, capsys):
+    """`best` moves before `last`: a save cut off between the two leaves `best` ahead, and --resume points `last`
+    there, so the run neither restarts behind its best score nor deletes the folder that holds it."""
+    run, _ = tiny_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
+    before = os.readlink(copy / "last")
+    model, cfg, tokenizer = checkpoint.load_model(copy / "last")
+    state = {**checkpoint.read_info(copy / "last")["state"], "step": 999}
+    point = checkpoint._point
+
+    def crash_at_last(link, target):
+        if link.name == "last":
+            raise KeyboardInterrupt
+        point(link, target)
+
+    monkeypatch.setattr(checkpoint, "_point", crash_at_last)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(copy, ["last", "best"], model, cfg, tokenizer, state, {})
+    monkeypatch.setattr(checkpoint, "_point", point)
+    assert os.readlink(copy / "last") == before and os.readlink(copy / "best") == "checkpoints/step-00000999"
+    resumed = Config(**{**cfg.to_dict(), "run_dir": str(copy), "resume": True, "epochs": cfg.epochs + 1})
+    assert runs.find_run_dir(resumed, Dist()) == copy
+    assert os.readlink(copy / "last") == "checkpoints/step-00000999"
+    assert "a save was cut short" in capsys.readouterr().out
+    assert checkpoint.finish_interrupted_save(copy) is None  # the links agree now
+    # a `best` behind `last` is how every run looks after an epoch that did not improve: left alone
+    checkpoint.save_checkpoint(copy, ["last"], model, cfg, tokenizer, {**state, "step": 1000}, {})
+    assert checkpoint.finish_interrupted_save(copy) is None
     assert os.readlink(copy / "last") == "checkpoints/step-00001000"
 
 
@@ -300,6 +333,17 @@ def test_resume_forgets_metrics_logged_after_its_checkpoint(tmp_path):
     metrics.write_text("".join(json.dumps({"epoch": e, "train_loss": 5.0 - e}) + "\n" for e in (1, 2)))
     runs.drop_rows_after(metrics, 1)
     assert read_jsonl(metrics) == [{"epoch": 1, "train_loss": 4.0}]
+
+
+def test_resume_drops_a_metrics_line_cut_short_and_names_a_damaged_one(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"epoch": 1, "train_loss": 4.0}) + '\n{"epoch": 2, "train_lo')  # the disk filled
+    runs.drop_rows_after(metrics, 1)
+    append_jsonl(metrics, {"epoch": 2, "train_loss": 3.0})
+    assert read_jsonl(metrics) == [{"epoch": 1, "train_loss": 4.0}, {"epoch": 2, "train_loss": 3.0}]
+    metrics.write_text('{"epoch": 1, "train_lo\n' + json.dumps({"epoch": 2}) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 1, is not JSON .*repair or delete that line"):
+        runs.drop_rows_after(metrics, 1)
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_nothing_behind(tmp_path):

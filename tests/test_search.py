@@ -14,6 +14,7 @@ import checkpoint
 import evaluate
 import search
 import train
+import utils
 from conftest import TINY
 from dataset import CaptionData, legacy_train_names
 from evaluate import retrieval_metrics
@@ -447,3 +448,25 @@ def test_a_data_folder_moved_since_training_is_named_with_the_flag_to_find_it(ru
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"trained on the data folder {tmp_path / 'gone'}, which is not there" in err
         assert "--data-dir" in err and "download.py" not in err
+
+
+def test_evaluate_runs_the_kernels_training_ran(run, monkeypatch):
+    """On CUDA, TF32 in the similarity matrix can flip near-ties: evaluate.py sets what train.py sets, so that it
+    reproduces the run's test_metrics.json."""
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        utils.fast_cuda_kernels(torch.device("cpu"))
+        assert not any((torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                        torch.backends.cudnn.allow_tf32))
+        utils.fast_cuda_kernels(torch.device("cuda", 0))  # setting the flags needs no GPU
+        assert all((torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                    torch.backends.cudnn.allow_tf32))
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = flags[:2]
+        torch.backends.cudnn.allow_tf32 = flags[2]
+    seen = []
+    monkeypatch.setattr(evaluate, "fast_cuda_kernels", seen.append)
+    evaluate.main(["--checkpoint", str(run / "best"), "--device", "cpu"])
+    assert seen == [torch.device("cpu")]
