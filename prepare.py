@@ -119,6 +119,34 @@ def locate(names: list[str], spec: DatasetSpec, source) -> tuple[str, list[str],
     return captions[0], [n for n in images if str(PurePosixPath(n).parent) == folder], sorted(set(folders) - {folder})
 
 
+def named_elsewhere(zf: zipfile.ZipFile, caption: str, images: list[str], skipped: list[str]) -> list[str]:
+    """Images the caption file names that the chosen folder lacks but a skipped one holds (a zip that splits its
+    images over several folders), one zip member per name."""
+    exts = "|".join(re.escape(e[1:]) for e in sorted(IMAGE_EXTS))
+    named = {m.decode("utf-8", "replace")
+             for m in re.findall(rb"[^\s|,;\"'/\\]+\.(?:" + exts.encode() + rb")\b", zf.read(caption), re.I)}
+    have, extra = {PurePosixPath(n).name for n in images}, {}
+    for member in zf.namelist():
+        path = PurePosixPath(member)
+        if str(path.parent) in skipped and path.name in named and path.name not in have:
+            extra.setdefault(path.name, member)
+    return list(extra.values())
+
+
+def refuse_partial_out(out: Path, spec: DatasetSpec) -> None:
+    """OUT holding a caption file or an image folder but no complete data set is the user's to sort out: said before
+    a download (4 GB for Flickr30k), not after. An interrupted extraction of ours is redone instead."""
+    present = [p.name for p in (out / "images", out / spec.caption_file) if p.exists()]
+    if present and not (out / STAGING).exists():
+        try:
+            find_layout(out)
+            what = ""
+        except FileNotFoundError as e:
+            what = f" ({e})"
+        raise PrepareError(f"{out} already holds {present} but no complete data set{what}; complete it by hand, "
+                           f"move them away, or choose another --out")
+
+
 def extract_member(zf: zipfile.ZipFile, name: str, target: Path) -> None:
     with zf.open(name) as src, open(target, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)  # the zip checks each member's CRC as it is read to the end
@@ -144,12 +172,12 @@ def extract(zip_path: Path, out: Path, spec: DatasetSpec) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-    elif any(path.exists() for path in targets):
-        raise PrepareError(f"{out} already holds {[p.name for p in targets if p.exists()]} but no complete data "
-                           f"set; move them away or choose another --out")
+    refuse_partial_out(out, spec)
     try:
         with zipfile.ZipFile(zip_path) as zf:
             caption, images, skipped = locate(zf.namelist(), spec, zip_path)
+            main_folder, extra = PurePosixPath(images[0]).parent, named_elsewhere(zf, caption, images, skipped)
+            images += extra
             need, free = sum(zf.getinfo(n).file_size for n in [caption, *images]), shutil.disk_usage(out).free
             if need > free:
                 raise PrepareError(f"extracting {zip_path} needs {need / 1e9:.1f} GB in {out}, but only "
@@ -164,8 +192,11 @@ def extract(zip_path: Path, out: Path, spec: DatasetSpec) -> None:
     for path in targets:
         os.replace(staging / path.name, path)
     staging.rmdir()  # last: while the staging folder exists, the extraction counts as unfinished
-    print(f"extracted {caption} and {len(images):,} images from {PurePosixPath(images[0]).parent}/"
-          + (f"; skipped the redundant copies in {skipped}" if skipped else ""))
+    taken = sorted({str(PurePosixPath(n).parent) for n in extra})
+    print(f"extracted {caption} and {len(images) - len(extra):,} images from {main_folder}/"
+          + (f", and {len(extra):,} more that {spec.caption_file} names from {taken}" if extra else "")
+          + (f"; skipped the redundant copies in {skipped}" if skipped and not extra else "")
+          + (f"; skipped the other images in {skipped}, which it does not name" if extra else ""))
 
 
 def same_images(a: Path, b: Path) -> bool:
@@ -223,6 +254,7 @@ def fetch(spec: DatasetSpec, out: Path, zip_path=None, connect=None, keep_zip: b
         return
     if zip_path is None and adopt_unzipped(out, spec):
         return
+    refuse_partial_out(out, spec)
     if zip_path is not None and Path(zip_path).is_dir():
         raise PrepareError(f"--zip {zip_path} is a folder, not a zip file; name the .zip itself, or move an unzipped "
                            f"download into --out and run without --zip")

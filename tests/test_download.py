@@ -612,3 +612,36 @@ def test_shapes_scenes_put_one_object_in_a_cell_and_captions_use_every_word_for_
     words = {re.search("circle|disc|round shape", shapes.captions("grey", circle, random.Random(i))[1]).group()
              for i in range(20)}
     assert words == set(shapes.SHAPES["circle"])
+
+
+def test_a_folder_holding_part_of_a_data_set_is_refused_before_the_download(tmp_path, with_key):
+    """Captions and loose pictures put in --out by hand: said at once, not after 4 GB of download."""
+    out = tmp_path / "flickr30k"
+    out.mkdir()
+    images, results, _ = flickr30k_files()
+    (out / "results.csv").write_bytes(results)
+    for name in list(images)[:3]:
+        (out / name).write_bytes(images[name])
+    fake = FakeKaggle(kaggle_flickr30k_zip(tmp_path / "kaggle.zip"))
+    with pytest.raises(SystemExit) as e:
+        run(["--out", str(out)], fake)
+    assert fake.calls == []
+    assert f"{out} already holds ['results.csv'] but no complete data set" in str(e.value)
+    assert f"move its 3 image files into {out / 'images'}" in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["results.csv", *list(images)[:3]])  # nothing moved
+
+
+def test_a_zip_that_splits_its_images_over_folders_loses_none_its_captions_name(tmp_path, capsys):
+    images, results, _ = flickr30k_files()
+    names = list(images)
+    split = tmp_path / "split.zip"
+    with zipfile.ZipFile(split, "w") as zf:
+        zf.writestr("flickr30k/results.csv", results)
+        for i, name in enumerate(names):
+            zf.writestr(f"flickr30k/part{1 + (i >= len(names) * 2 // 3)}/{name}", images[name])
+        zf.writestr("flickr30k/part2/sample.jpg", images[names[0]])  # named by no caption: stays behind
+    out = tmp_path / "data"
+    assert run(["--zip", str(split), "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(names)
+    rest = len(names) - len(names) * 2 // 3
+    assert f", and {rest} more that results.csv names from ['flickr30k/part2']" in capsys.readouterr().out
