@@ -200,9 +200,10 @@ class CaptionData:
                      [c for cs in caps for c in cs],
                      np.concatenate([[0], np.cumsum([len(cs) for cs in caps])]).astype(np.int64))
 
-    def open_images(self, square: int, mode: str = "auto", workers: int = 0, verify: bool = True) -> None:
+    def open_images(self, square: int, mode: str = "auto", workers: int = 0, verify: bool | str = True) -> None:
         """Attach the pixels: a cache of squares (built once) or on-the-fly decoding; drops undecodable images
-        (found while caching, or with `verify`, by decoding every image once up front)."""
+        (found while caching, or with `verify`, by decoding every image once up front: all of them, or where
+        `verify` names a split, that split's)."""
         root = self.image_dir.resolve()  # the cache is keyed by paths: one cache however the folder is spelled
         paths = [root / n for n in self.names]
         failed = []
@@ -219,6 +220,8 @@ class CaptionData:
         if mode == "off":
             self.source = JpegSource(paths, square)
             if verify and not self.report_is_current():  # else prepare already checked these very files
+                if isinstance(verify, str):
+                    paths = [root / n for n in self.splits[verify].images]
                 failed = [str(self.image_dir / name) for name in find_bad_images(paths, workers)]
         if failed:
             failed = {Path(p).name for p in failed}

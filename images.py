@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates at import otherwise
 
@@ -124,8 +125,9 @@ class JpegSource:
             try:
                 squares.append(to_square(self.paths[i], self.size))
             except Exception as e:  # PIL raises many kinds
+                data_dir = quote(str(Path(self.paths[i]).parent.parent))  # DATA/images/x.jpg
                 raise ValueError(f"{self.paths[i]} could not be decoded ({type(e).__name__}: {e}); `python download.py"
-                                 f" --prepare DATA_DIR` lists broken images so training skips them") from None
+                                 f" --prepare {data_dir}` lists broken images so training skips them") from None
         return np.stack(squares)
 
 

@@ -200,9 +200,10 @@ def dataset_index(s: Searcher, data_dir=None, split: str = "test", verbose: bool
     if index is None:
         if verbose:
             print(f"embedding {source}: {len(paths)} images, {len(part.captions)} captions -> {file}")
-        data.open_images(s.pixels.square, mode="off", verify=False)  # decode only this split's files, when embedding
+        data.open_images(s.pixels.square, mode="off", verify=split)  # decode only this split's files
         data.tokenize(s.tokenizer, s.cfg.max_length)
-        part = data.splits[split]
+        part = data.splits[split]  # without the images that failed to decode
+        paths = [str((data.image_dir / name).resolve()) for name in part.images]
         image_emb = embed_images(s.model, part, data.source, s.pixels, s.device, s.dtype, s.batch_size,
                                  progress=verbose)
         text_emb = embed_texts(s.model, part, s.tokenizer.pad_token_id, s.device, s.dtype, s.batch_size, verbose)

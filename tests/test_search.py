@@ -470,3 +470,17 @@ def test_evaluate_runs_the_kernels_training_ran(run, monkeypatch):
     monkeypatch.setattr(evaluate, "fast_cuda_kernels", seen.append)
     evaluate.main(["--checkpoint", str(run / "best"), "--device", "cpu"])
     assert seen == [torch.device("cpu")]
+
+
+def test_an_undecodable_image_leaves_the_rest_of_its_split_searchable(searcher, shapes_dir, tmp_path, capsys):
+    data = tmp_path / "shapes"
+    shutil.copytree(shapes_dir, data, ignore=shutil.ignore_patterns(".cache", "prepare_report.json"))
+    test = CaptionData(data, verbose=False).splits["test"]
+    broken = test.images[3]
+    (data / "images" / broken).write_bytes(b"not a picture")
+    index = search.dataset_index(searcher, data, "test")
+    assert f"skipping 1 images that failed to decode, e.g. ['{broken}']" in capsys.readouterr().out
+    assert len(index.paths) == len(index.image_emb) == len(test.images) - 1
+    assert str((data / "images" / broken).resolve()) not in index.paths
+    assert len(index.captions) == len(index.caption_image) == len(test.captions) - 5
+    assert len(search.search_text(searcher, index, "a red circle", 3)) == 3
