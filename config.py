@@ -7,12 +7,13 @@ The defaults are the real Flickr30k recipe (pretrained ResNet-50 + DistilBERT, a
 import argparse
 import dataclasses
 import inspect
-import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
+
+from utils import write_json
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Pooling = Literal["cls", "mean"]
@@ -246,5 +247,4 @@ def config_from_dict(values: dict) -> Config:
 
 
 def save_config(cfg: Config, path) -> None:
-    with open(path, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    write_json(path, cfg.to_dict())  # atomic: --resume reads it back

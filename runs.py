@@ -27,12 +27,17 @@ def resolve_config(argv, description: str = "") -> Config:
     args = parser.parse_args(argv)
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         parser.error("--resume continues the run in --run-dir and --overwrite starts it over: give one of them")
+    if getattr(args, "resume", False) and not getattr(args, "run_dir", None):
+        parser.error("--resume continues the run in --run-dir: name its folder, e.g. --run-dir runs/shapes")
     try:
         cfg = config_from_args(args, validate=False)  # on resume, the flags alone may not make a whole config
         if cfg.resume and cfg.run_dir and (Path(cfg.run_dir) / "config.json").exists():
-            saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+            saved, file = saved_config(Path(cfg.run_dir))
             given = {k: v for k, v in vars(args).items() if k != "preset"}
-            cfg = config_from_dict({**saved, **given})
+            try:
+                cfg = config_from_dict({**saved, **given})
+            except ValueError as e:
+                raise ValueError(f"{file}: {e}") from None
             preset = getattr(args, "preset", None)  # the run's first command repeated with --resume is fine
             clashes = [f"--{flag(k)} {v!r} (the run has {getattr(cfg, k)!r})"
                        for k, v in PRESETS.get(preset, {}).items() if k not in given and differs(k, getattr(cfg, k), v)]
@@ -45,6 +50,20 @@ def resolve_config(argv, description: str = "") -> Config:
         return cfg
     except ValueError as e:
         parser.error(str(e))
+
+
+def saved_config(run_dir: Path) -> tuple[dict, Path]:
+    """The config a run resumes with, and the file it came from: RUN/config.json, or where that is damaged, the copy
+    inside RUN/last (training writes config.json again)."""
+    file, last = run_dir / "config.json", run_dir / "last"
+    try:
+        return json.loads(file.read_text()), file
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if not (last / "checkpoint.json").exists():
+            raise ValueError(f"{file} is damaged ({e}) and {run_dir} holds no checkpoint to resume: start the run "
+                             f"over with --overwrite") from None
+        print(f"note: {file} is damaged ({e}); resuming with the config saved in {last}")
+        return read_info(last)["config"], last / "checkpoint.json"
 
 
 # The settings that decide an epoch's batches: a run stopped mid-epoch must finish that epoch with the same ones.
@@ -84,6 +103,9 @@ def find_run_dir(cfg: Config, d: Dist) -> Path:
     """The run directory, checked but not touched: an existing run needs --resume or --overwrite."""
     run_dir = Path(broadcast_object(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"), d))
     if d.main:
+        blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # said now, not once the data and the model are ready
+            raise SystemExit(f"--run-dir {run_dir}: {blocker} is a file, not a folder; choose another --run-dir")
         # a run stopped before its first checkpoint left only config.json, env.json and splits.json: nothing to lose
         has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
         repaired = finish_interrupted_save(run_dir) if cfg.resume else None

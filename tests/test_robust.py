@@ -219,6 +219,20 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
         train.main(args + ["--overwrite", "--batch-size", "4096", "--compile"])
 
 
+def test_a_run_folder_that_cannot_be_one_is_refused_before_any_work(tiny_shapes_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "build", lambda *a: pytest.fail("the data and the model were loaded"))
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    args = TINY + ["--data-dir", str(tiny_shapes_dir)]
+    for run_dir in (file, file / "run"):
+        with pytest.raises(SystemExit, match=f"--run-dir {run_dir}: {file} is a file, not a folder; choose another"):
+            train.main(args + ["--run-dir", str(run_dir)])
+    assert file.read_text() == "mine"
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--resume"])
+    assert e.value.code == 2 and "--resume continues the run in --run-dir: name its folder" in capsys.readouterr().err
+
+
 def test_overwrite_clears_the_old_runs_outputs_and_keeps_other_files(tmp_path):
     from distributed import Dist
     run = tmp_path / "run"
@@ -636,3 +650,21 @@ def test_an_infinite_loss_stops_at_the_step_log_every_reads(shapes_dir, tmp_path
     # before the first checkpoint, the message names none (it used to name a RUN/last that did not exist)
     assert not (tmp_path / "run" / "last").exists()
     assert "last good checkpoint" not in str(e.value) and "No checkpoint was saved before it" in str(e.value)
+
+
+def test_a_damaged_config_json_resumes_from_the_checkpoints_copy_and_a_foreign_field_is_named(tiny_run, tmp_path,
+                                                                                               capsys):
+    run, _ = tiny_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
+    text = (copy / "config.json").read_text()
+    (copy / "config.json").write_text(text[:len(text) // 2])  # the disk filled while it was written
+    cfg = runs.resolve_config(["--run-dir", str(copy), "--resume", "--epochs", "9"])
+    assert f"{copy / 'config.json'} is damaged" in capsys.readouterr().out
+    assert cfg.epochs == 9 and cfg.to_dict() == {**checkpoint.read_info(copy / "last")["config"], "epochs": 9,
+                                                 "resume": True, "run_dir": str(copy)}
+    (copy / "config.json").write_text(json.dumps({**json.loads(text), "bogus": 1}))
+    with pytest.raises(SystemExit):
+        runs.resolve_config(["--run-dir", str(copy), "--resume", "--epochs", "9"])
+    assert f"{copy / 'config.json'}: saved config has fields this version does not know: ['bogus']" in \
+        capsys.readouterr().err
