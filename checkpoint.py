@@ -284,14 +284,31 @@ def read_info(path) -> dict:
     return _read_json(resolve(path) / "checkpoint.json")
 
 
+def _check_complete(folder: Path) -> None:
+    """A folder that lost part of a checkpoint (copied file by file) says which part, not what transformers makes of
+    a missing folder."""
+    missing = [n for n in ("model.safetensors", "text_config.json", "tokenizer") if not (folder / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: a checkpoint is its whole folder (model."
+                                f"safetensors, checkpoint.json, text_config.json, tokenizer/); copy all of it, e.g. "
+                                f"`cp -rL RUN/best DEST`")
+
+
 def read_tokenizer(path):
     """The tokenizer a checkpoint was trained with (saved inside it)."""
-    return AutoTokenizer.from_pretrained(resolve(path) / "tokenizer")
+    folder = resolve(path)
+    _check_complete(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder / 'tokenizer'} is damaged ({e}); use another checkpoint of the run (RUN/best, "
+                         f"RUN/last)") from None
 
 
 def load_model(path, device="cpu") -> tuple[CLIPModel, Config, object]:
     """(model in eval mode, its config, its tokenizer) from a checkpoint, with no download and no unpickling."""
     folder = resolve(path)
+    _check_complete(folder)
     info = _read_json(folder / "checkpoint.json")
     cfg = config_from_dict(info["config"])
     tokenizer = read_tokenizer(folder)

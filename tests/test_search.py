@@ -484,3 +484,14 @@ def test_an_undecodable_image_leaves_the_rest_of_its_split_searchable(searcher, 
     assert str((data / "images" / broken).resolve()) not in index.paths
     assert len(index.captions) == len(index.caption_image) == len(test.captions) - 5
     assert len(search.search_text(searcher, index, "a red circle", 3)) == 3
+
+
+def test_a_checkpoint_copied_without_its_tokenizer_says_what_is_missing(run, tmp_path, capsys):
+    copy = tmp_path / "best"
+    shutil.copytree(run / "best", copy, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(copy), "--device", "cpu"])
+    assert f"{copy} lacks tokenizer: a checkpoint is its whole folder" in capsys.readouterr().err
+    (copy / "tokenizer").mkdir()  # there, but empty
+    with pytest.raises(ValueError, match=f"{copy / 'tokenizer'} is damaged"):
+        checkpoint.read_tokenizer(copy)
