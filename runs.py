@@ -20,6 +20,11 @@ def differs(key: str, a, b) -> bool:
     return a != b
 
 
+# The settings that decide the model's weights (their names and shapes) or its vocabulary: a resumed run keeps them.
+ARCHITECTURE = ("image_model", "text_model", "text_layers", "text_width", "text_heads", "projection_dim", "tokenizer",
+                "vocab_size")
+
+
 def resolve_config(argv, description: str = "") -> Config:
     """Flags over the preset over the defaults; with --resume, flags over the run's saved config. description: the
     entry point's, for --help."""
@@ -38,6 +43,11 @@ def resolve_config(argv, description: str = "") -> Config:
                 cfg = config_from_dict({**saved, **given})
             except ValueError as e:
                 raise ValueError(f"{file}: {e}") from None
+            reshaped = [f"--{flag(k)} {given[k]!r} (the run has {saved[k]!r})" for k in ARCHITECTURE
+                        if k in given and k in saved and differs(k, given[k], saved[k])]
+            if reshaped:
+                parser.error(f"--resume continues the model in {cfg.run_dir}, and {', '.join(reshaped)} would build "
+                             f"another one: leave those flags out, or train the new model in another --run-dir")
             preset = getattr(args, "preset", None)  # the run's first command repeated with --resume is fine
             clashes = [f"--{flag(k)} {v!r} (the run has {getattr(cfg, k)!r})"
                        for k, v in PRESETS.get(preset, {}).items() if k not in given and differs(k, getattr(cfg, k), v)]

@@ -408,6 +408,20 @@ def test_resume_validates_the_flags_together_with_the_saved_config(tmp_path):
     assert cfg.compile and cfg.compile_mode == "reduce-overhead"  # --compile comes from the saved run
 
 
+def test_resume_refuses_flags_that_would_build_another_model_naming_them(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(Config(image_model="resnet18", projection_dim=128).to_dict()))
+    base = ["--run-dir", str(run), "--resume"]
+    with pytest.raises(SystemExit) as e:
+        runs.resolve_config(base + ["--image-model", "resnet34", "--projection-dim", "128", "--epochs", "20"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--image-model 'resnet34' (the run has 'resnet18') would build another one" in err
+    assert "--projection-dim 128" not in err  # given, but as the run has it
+    cfg = runs.resolve_config(base + ["--image-model", "resnet18", "--no-image-trainable", "--epochs", "20"])
+    assert cfg.image_model == "resnet18" and not cfg.image_trainable and cfg.epochs == 20  # training flags may change
+
+
 def test_a_folder_left_by_a_killed_run_is_rewritten_not_reused(tiny_run, tmp_path):
     """Killed after renaming its step-8 folder but before moving `last` to it, a run resumes from step 4 and saves
     step 8 again: the checkpoint must hold this run's state, not the folder the killed one left."""
