@@ -85,10 +85,18 @@ def main(argv=None, connect=kaggle_api) -> int:
     p.add_argument("--kaggle-json", help="Kaggle credentials file (else: see kaggle_auth.py for where we look)")
     p.add_argument("--keep-zip", action="store_true", help="keep the downloaded zip after extracting it")
     p.add_argument("--workers", type=int, default=0, help="processes that verify images (default: one per CPU)")
-    p.add_argument("--num-images", type=int, default=6000, help="shapes: how many pictures")
-    p.add_argument("--image-size", default="128x128", help="shapes: WIDTHxHEIGHT of each picture (Flickr: 500x375)")
-    p.add_argument("--seed", type=int, default=0, help="shapes: the drawing seed")
+    p.add_argument("--num-images", type=int, help="shapes: how many pictures (default 6000)")
+    p.add_argument("--image-size", help="shapes: WIDTHxHEIGHT of each picture (default 128x128; Flickr: 500x375)")
+    p.add_argument("--seed", type=int, help="shapes: the drawing seed (default 0)")
     args = p.parse_args(argv)
+    shapes = args.dataset == "shapes" and not args.prepare
+    for name in (["zip", "split_file", "kaggle_json", "keep_zip"] if shapes else ["num_images", "image_size", "seed"]):
+        if getattr(args, name) not in (None, False):  # said, not ignored: --num-images never shrinks a download
+            p.error(f"--{name.replace('_', '-')} does not apply to " + ("the built-in set, which is drawn here"
+                    if shapes else f"{'--prepare' if args.prepare else 'a Kaggle data set'}: it is for "
+                    f"--dataset shapes"))
+    args.num_images = 6000 if args.num_images is None else args.num_images
+    args.image_size, args.seed = args.image_size or "128x128", args.seed or 0
     if args.workers < 0:
         p.error(f"--workers must not be negative, got {args.workers}")
     if args.prepare and (args.zip or args.out):

@@ -117,6 +117,10 @@ def resolve_credentials(kaggle_json=None, repo_dir=None, interactive: bool | Non
     repo_dir = Path(repo_dir or REPO_DIR)
     if kaggle_json:
         path = Path(kaggle_json).expanduser()
+        if path.is_dir() and (path / "kaggle.json").is_file():  # the folder that holds it
+            path = path / "kaggle.json"
+        elif path.is_dir():
+            raise CredentialsError(f"--kaggle-json {path} is a folder without a kaggle.json; name the file itself")
         if not path.is_file():
             raise CredentialsError(f"--kaggle-json {path}: no such file")
         return read_kaggle_json(path, f"--kaggle-json {path}")

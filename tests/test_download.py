@@ -460,6 +460,31 @@ def test_kaggle_key_never_reaches_logs_metrics_or_checkpoints(tmp_path, kaggle_z
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--num-images", "100"], "--num-images does not apply to a Kaggle data set: it is for --dataset shapes"),
+    (["--dataset", "flickr8k", "--seed", "1"], "--seed does not apply to a Kaggle data set"),
+    (["--prepare", "data/x", "--image-size", "32x32"], "--image-size does not apply to --prepare"),
+    (["--dataset", "shapes", "--split-file", "splits.json"], "--split-file does not apply to the built-in set"),
+    (["--dataset", "shapes", "--zip", "x.zip"], "--zip does not apply to the built-in set"),
+    (["--dataset", "shapes", "--keep-zip"], "--keep-zip does not apply to the built-in set"),
+])
+def test_a_flag_for_another_kind_of_data_set_is_refused_not_ignored(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run([*argv, "--out", str(tmp_path / "out")] if "--prepare" not in argv else argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_kaggle_json_may_name_the_folder_that_holds_it(tmp_path):
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    (folder / "kaggle.json").write_text(json.dumps({"username": "alice", "key": KEY}))
+    creds = kaggle_auth.resolve_credentials(str(folder), interactive=False)
+    assert (creds.username, creds.key) == ("alice", KEY) and str(folder / "kaggle.json") in creds.describe()
+    with pytest.raises(kaggle_auth.CredentialsError, match="is a folder without a kaggle.json; name the file"):
+        kaggle_auth.resolve_credentials(str(tmp_path), interactive=False)
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--image-size", "128"], "--image-size must look like 128x128"),
     (["--image-size", "0x0"], "need at least 16x16 pixels"),
     (["--image-size=-5x10"], "need at least 16x16 pixels"),
