@@ -17,7 +17,7 @@ from clip import CLIPModel
 from config import parse_config
 from conftest import TINY, tiny_config
 from distributed import Dist
-from engine import backward_grad_cache, contrastive_loss
+from engine import backward_grad_cache, contrastive_loss, global_mean, micro_texts
 from packing import token_index
 from utils import read_jsonl
 
@@ -79,9 +79,8 @@ def _rank(rank, port, mode, out):
         index = text(ids, mask)["token_index"][0] if mode == "local" else None  # packed, or padded
         loss = contrastive_loss(*model(images, ids, mask, index), d, local_loss=mode == "local")
         loss.backward()
-    mean = loss.detach().clone()
-    dist.all_reduce(mean)
-    torch.save({"loss": mean.item() / WORLD, "grads": gradients(raw)}, out / f"{mode}-{rank}.pt")
+    # the loss as train.py logs it: under --local-loss each rank holds only its rows' share
+    torch.save({"loss": global_mean(loss.detach(), d).item(), "grads": gradients(raw)}, out / f"{mode}-{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -152,6 +151,34 @@ def test_gradient_caching_in_training_mode_is_exact_with_frozen_batch_norm_stati
     cached_loss, cached = run(cached=True)
     assert cached_loss == pytest.approx(loss, rel=1e-6)
     assert_same_gradients(grads, cached)
+
+
+def test_gradient_caching_replays_each_micro_batchs_dropout_and_moves_batch_norm_once_per_micro_batch():
+    """Pass 3 must draw the dropout masks pass 1 drew, or the cached embedding gradients belong to other embeddings;
+    and batch norm's running statistics must move as K forward passes of the micro-batches move them, not twice as
+    often. The reference embeds the same micro-batches in turn, with a graph, from the same seed."""
+    def model_in_training():
+        torch.manual_seed(0)
+        return CLIPModel(tiny_config(dropout=0.3), VOCAB).train()
+
+    images, ids, mask = batch()
+    chunks = text(ids, mask, 4)
+    model = model_in_training()
+    torch.manual_seed(5)
+    loss = backward_grad_cache(model, model, images, chunks, 4, Dist(), False, torch.device("cpu"), torch.float32,
+                               torch.amp.GradScaler("cpu", enabled=False))
+    reference = model_in_training()
+    torch.manual_seed(5)
+    parts = [reference(x, *t) for x, *t in zip(images.tensor_split(4), *micro_texts(chunks, 4))]
+    reference_loss = contrastive_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2],
+                                      Dist(), local_loss=False)
+    reference_loss.backward()
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-6)
+    assert_same_gradients(gradients(reference), gradients(model))
+    buffers = dict(reference.named_buffers())
+    assert any("running_mean" in name for name in buffers)
+    for name, value in model.named_buffers():
+        torch.testing.assert_close(value, buffers[name], msg=name)
 
 
 def test_gradient_caching_adds_into_gradient_buffers_of_its_own():

@@ -152,3 +152,39 @@ def test_max_pool_backward_compiles_as_a_gather_and_gives_eager_gradients(device
     assert "aten.max_pool2d_with_indices_backward.default" in ops
     assert not any("scatter" in op for op in ops), ops
     torch.testing.assert_close(lowered, x_eager.grad, rtol=0, atol=0)
+
+
+def test_a_step_takes_the_schedules_rate_and_leaves_no_gradient_behind():
+    """Adam's first step moves a weight by about lr * sign(g): at a quarter of the rate, a quarter of lr."""
+    lr = 1e-2
+    cfg = tiny_config(grad_clip=0.0, lr_image=lr, lr_text=lr, lr_head=lr, weight_decay=0.0)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg, 500)
+    before = copy.deepcopy(model)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    images, ids = torch.randn(6, 3, 32, 32), torch.randint(5, 500, (6, 16))
+    train_step(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
+               {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cfg, Dist(), torch.device("cpu"),
+               torch.float32, lr_scale=0.25)
+    assert all(g["lr"] == 0.25 * g["base_lr"] for g in optimizer.param_groups)
+    moved = torch.cat([(p - p0).detach().abs().flatten() for p, p0 in zip(model.parameters(), before.parameters())])
+    assert moved.max() <= 0.25 * lr * 1.001 and moved[moved > 0].median().item() == pytest.approx(0.25 * lr, rel=0.05)
+    assert all(p.grad is None for p in model.parameters())  # the next step starts from zero
+
+
+def test_clipping_under_the_fp16_grad_scaler_clips_the_unscaled_gradients():
+    """The scaler multiplies the loss by 2**10 (exact in fp32): the step must be the one without it."""
+    cfg = tiny_config(grad_clip=1e-3)
+    images, ids = torch.randn(6, 3, 32, 32), torch.randint(5, 500, (6, 16))
+    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    models = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = CLIPModel(cfg, 500)
+        optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+        torch.manual_seed(1)
+        train_step(model, model, optimizer, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=enabled),
+                   images, text, cfg, Dist(), torch.device("cpu"), torch.float32, lr_scale=1.0)
+        models.append(model)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
