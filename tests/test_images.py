@@ -255,3 +255,16 @@ def test_pixels_for_a_channels_last_model_come_in_that_memory_format():
     last = Pixels(32, 36, MEAN, STD, channels_last=True)(squares, boxes, "cpu")
     assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
     torch.testing.assert_close(last, plain, rtol=0, atol=0)
+
+
+def test_an_encoders_data_config_decides_the_square_and_the_normalisation():
+    """timm's data_config of the image tower: the cached square is image_size / crop_pct, and each channel is
+    normalised with the tower's own mean and std (a ViT's 0.5s are not ImageNet's)."""
+    config = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "crop_pct": 0.8}
+    pixels = Pixels.for_encoder(config, 32)
+    assert (pixels.image_size, pixels.square) == (32, 40)
+    grey = torch.full((1, 40, 40, 3), 153, dtype=torch.uint8)  # 0.6 of full scale
+    x = pixels(grey, full_boxes(1, 40), "cpu")
+    expected = [(0.6 - m) / s for m, s in zip(config["mean"], config["std"])]
+    torch.testing.assert_close(x[0].mean(dim=(1, 2)), torch.tensor(expected), rtol=0, atol=1e-5)
+    assert Pixels.for_encoder({"mean": (0.5,) * 3, "std": (0.5,) * 3}, 224).square == 256  # timm's default 0.875

@@ -133,7 +133,8 @@ def test_each_epochs_train_loss_is_the_mean_of_its_own_steps(tiny_shapes_dir, tm
 
     monkeypatch.setattr(train, "train_step", recorded_step)
     run = tmp_path / "run"
-    train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--epochs", "2"])
+    # the loss is read back every 4 steps: windows that end mid-epoch and at its end
+    train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--epochs", "2", "--log-every", "4"])
     assert [row["train_loss"] for row in read_jsonl(run / "metrics.jsonl")] == \
         pytest.approx([np.mean(losses[:6]), np.mean(losses[6:])])  # 180 training images: 6 steps of 32 an epoch
 
