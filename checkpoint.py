@@ -308,7 +308,6 @@ def read_tokenizer(path):
 def load_model(path, device="cpu") -> tuple[CLIPModel, Config, object]:
     """(model in eval mode, its config, its tokenizer) from a checkpoint, with no download and no unpickling."""
     folder = resolve(path)
-    _check_complete(folder)
     info = _read_json(folder / "checkpoint.json")
     cfg = config_from_dict(info["config"])
     tokenizer = read_tokenizer(folder)

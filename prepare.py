@@ -172,8 +172,7 @@ def extract(zip_path: Path, out: Path, spec: DatasetSpec) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-    refuse_partial_out(out, spec)
-    try:
+    try:  # a half-filled OUT was refused before the download (fetch)
         with zipfile.ZipFile(zip_path) as zf:
             caption, images, skipped = locate(zf.namelist(), spec, zip_path)
             main_folder, extra = PurePosixPath(images[0]).parent, named_elsewhere(zf, caption, images, skipped)

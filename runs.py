@@ -102,8 +102,8 @@ def drop_rows_after(metrics_file: Path, epoch: int) -> None:
     being written logged the epoch, and will log it again. A last line cut short goes too, or the next row would be
     appended to it."""
     if metrics_file.exists():
-        rows = read_jsonl(metrics_file)
-        torn = not metrics_file.read_text().endswith("\n") and metrics_file.stat().st_size > 0
+        rows, text = read_jsonl(metrics_file), metrics_file.read_text()
+        torn = bool(text) and not text.endswith("\n")
         if torn or any(row["epoch"] > epoch for row in rows):
             with atomic_write(metrics_file) as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows if row["epoch"] <= epoch)
