@@ -4,6 +4,7 @@ safe and explicit loading."""
 import json
 import os
 import pickle
+import random
 import shutil
 import signal
 import stat
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -303,16 +305,20 @@ def test_at_an_epochs_end_a_run_resumes_with_more_processes_whose_new_ranks_keep
 
 
 def test_resume_restores_the_grad_scaler_and_each_ranks_own_random_state(tiny_run, tmp_path):
-    """fp16's grad scaler (CUDA only in train.py, so no CPU run shows it) and rank 1's RNGs, not rank 0's."""
+    """fp16's grad scaler (CUDA only in train.py, so no CPU run shows it) and rank 1's RNGs (torch, Python,
+    NumPy), not rank 0's."""
     run, _ = tiny_run
     model, cfg, tokenizer = checkpoint.load_model(run / "last")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
     scaler.scale(torch.ones(()))  # the scale is set up lazily, at the first use
     scaler.update(512.0)
-    ranks = []
+    ranks, draws = [], []
     for seed in (11, 22):
         torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
         ranks.append(checkpoint.rng_state())
+        draws.append((random.random(), np.random.rand()))  # what each rank draws next, from its saved state
     checkpoint.save_checkpoint(tmp_path, ["last"], model, cfg, tokenizer, {"step": 1, "epoch": 0, "batch": 1}, {},
                                make_optimizer(model, cfg, torch.device("cpu")), scaler, rng=ranks)
     fresh = torch.amp.GradScaler("cpu")
@@ -320,6 +326,7 @@ def test_resume_restores_the_grad_scaler_and_each_ranks_own_random_state(tiny_ru
                                    rank=1)
     assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 512.0
     assert torch.equal(torch.get_rng_state(), ranks[1][1]["torch"])
+    assert (random.random(), np.random.rand()) == draws[1]  # Python's and NumPy's too, through the JSON info
 
 
 def test_a_run_resumes_with_a_tower_frozen_keeping_the_moments_of_what_still_trains(tiny_run, capsys):
