@@ -41,9 +41,10 @@ def batch():
 
 
 def text(ids, mask, chunks=1):
-    """The text batch as the loader makes it, with the real tokens of each micro-batch listed (packing.py)."""
-    return {"input_ids": ids, "attention_mask": mask, "token_index": torch.from_numpy(token_index(mask.numpy(),
-                                                                                                    chunks))}
+    """The text batch as the loader makes it, with the real tokens of each micro-batch listed (packing.py), on the
+    masks' device as train.py moves it."""
+    index = torch.from_numpy(token_index(mask.cpu().numpy(), chunks)).to(mask.device)
+    return {"input_ids": ids, "attention_mask": mask, "token_index": index}
 
 
 def gradients(model):
