@@ -52,11 +52,13 @@ def lower_max_pool_backward(lowered: bool = True) -> bool:
     """Whether torch.compile builds max-pool's backward with inductor's own kernel (True) or as torch decomposes it
     (False), for models compiled from now on in this process; returns the setting before.
 
-    Recent torch (2.14 here; pytorch/pytorch#167318) decomposes it into a scatter_add. On CUDA that is a memset,
-    atomic adds in fp32 and two layout changes of the ResNet stem's activation, the largest in the network, which
-    fits the 1.46 ms this kernel took of a resnet50 step at batch 256 on an H100 (BENCHMARKS.md), for about 0.3 ms of
-    memory traffic. Inductor's own kernel gathers instead: each input pixel reads the (at most four) windows it lies
-    in, in the tensor's own layout, with no atomics, and can fuse into batch norm's backward. On the CPU the
+    Recent torch (2.14 here; pytorch/pytorch#167318) decomposes it into a scatter_add: on CUDA a memset, atomic adds
+    in fp32 and two layout changes of the ResNet stem's activation, the largest in the network. Inductor's own kernel
+    gathers instead: each input pixel reads the (at most four) windows it lies in, in the tensor's own layout, with
+    no atomics, fused with the add of the two gradients that reach the pool's output. The torch 2.11 of the H100
+    behind BENCHMARKS.md does not decompose it, so every GPU figure there was measured with inductor's kernel (1.46
+    ms of a resnet50 step at batch 256); lowering it on CUDA keeps that kernel under newer torch, whose scatter has
+    not been timed on a GPU. Inductor's own byte count puts the lowered backward at 2.3% fewer bytes. On the CPU the
     decomposition is the faster one.
 
     torch's AOTAutograd cache does not key on the decomposition table: a process that compiles one model both ways
@@ -76,10 +78,23 @@ def lower_max_pool_backward(lowered: bool = True) -> bool:
     return before
 
 
+# inductor's settings for compiling on CUDA. realize_reads_threshold: an element-wise result that several kernels use
+# is written out once, rather than recomputed inside each of them, when computing it reads more than this many
+# buffers (inductor's default: 4). At 2, resnet50 + DistilBERT's compiled step at batch 512 ran 1.6% faster on an
+# H100, and inductor's own count puts resnet50's compiled backward at 3% fewer bytes moved (BENCHMARKS.md).
+CUDA_INDUCTOR = {"realize_reads_threshold": 2}
+
+
 def compile_model(model, mode: str, device: torch.device):
-    """torch.compile in the given mode; on CUDA, with max-pool's backward built by inductor's own kernel."""
+    """torch.compile in the given mode; on CUDA, with max-pool's backward built by inductor's own kernel and
+    inductor's settings from CUDA_INDUCTOR, for this and every later compile in the process (a bench variant patches
+    over them while it compiles)."""
     if device.type == "cuda":
+        from torch._inductor import config
+
         lower_max_pool_backward(True)
+        for key, value in CUDA_INDUCTOR.items():
+            setattr(config, key, value)
     return torch.compile(model, mode=mode)
 
 

@@ -104,6 +104,10 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
         print(f"note: with --accum-steps {cfg.accum_steps}, the image tower's batch norms normalise micro-batches of "
               f"{batch // cfg.accum_steps}, so gradients are close to, not equal to, one batch of {batch}'s"
               + (" (--image-freeze-bn-stats makes them equal)" if cfg.image_pretrained else ""))
+    if d.main and cfg.accum_steps > 1 and cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune") \
+            and device.type == "cuda":
+        print(f"note: gradient caching (--accum-steps) under CUDA graphs (--compile-mode {cfg.compile_mode}) has not "
+              "been checked on a GPU yet (BENCHMARKS.md); --compile-mode default is the checked combination")
 
     # --- optimiser and state ---
     optimizer = make_optimizer(raw, cfg, device)

@@ -49,7 +49,8 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
 
     def fake_throughput(step, samples, sizes, device):
         decomposed = MAX_POOL_BACKWARD in decomposition.decompositions
-        seen.append((samples, torch._inductor.config.conv_1x1_as_mm, decomposed))
+        seen.append((samples, torch._inductor.config.conv_1x1_as_mm, decomposed,
+                     torch._inductor.config.realize_reads_threshold))
         return 100.0
 
     monkeypatch.setattr(bench, "throughput", fake_throughput)
@@ -57,20 +58,29 @@ def test_sweep_times_each_variant_with_its_settings_in_force(tmp_path, monkeypat
     monkeypatch.setattr(bench, "our_model", lambda cfg, *args: built.append(cfg) or our_model(cfg, *args))
     monkeypatch.setattr(bench, "SWEEP", [("plain", "default", {}, 1, {}),
                                          ("1x1 as mm", "default", {"conv_1x1_as_mm": True}, 2, {"dropout": 0.0}),
-                                         ("pool", "default", {"max_pool_backward": "decomposed"}, 1, {})])
-    before = lower_max_pool_backward(True)  # as compiling on CUDA leaves it
+                                         ("pool", "default", {"max_pool_backward": "decomposed"}, 1, {}),
+                                         ("inductor's", "default", bench.INDUCTOR_DEFAULTS, 1, {})])
+    before = lower_max_pool_backward(True)  # as compiling on CUDA leaves it, and the threshold too
     try:
-        results = bench.main(["--tiny", "--sweep-only", "--data-root", str(tmp_path / "data")])
-        assert MAX_POOL_BACKWARD not in decomposition.decompositions  # lowered again after the "pool" variant
+        with torch._inductor.config.patch(realize_reads_threshold=2):
+            results = bench.main(["--tiny", "--sweep-only", "--data-root", str(tmp_path / "data")])
+            assert MAX_POOL_BACKWARD not in decomposition.decompositions  # lowered again after the "pool" variant
+            assert torch._inductor.config.realize_reads_threshold == 2  # and ours again after "inductor's"
     finally:
         lower_max_pool_backward(before)
     assert not (tmp_path / "data").exists()  # the sweep alone draws no data set
     big = bench.TINY.big_batch
-    assert seen == [(big, False, False), (2 * big, True, False), (big, False, True)]
+    assert seen == [(big, False, False, 2), (2 * big, True, False, 2), (big, False, True, 2), (big, False, False, 4)]
     assert not torch._inductor.config.conv_1x1_as_mm  # restored afterwards
-    assert [(cfg.compile, cfg.dropout) for cfg in built] == [(True, 0.1), (True, 0.0), (True, 0.1)]
+
+    assert [(cfg.compile, cfg.dropout) for cfg in built] == [(True, 0.1), (True, 0.0), (True, 0.1), (True, 0.1)]
     names = [name for name in results["rows"]]
-    assert len(names) == 3 and names[0].endswith(", plain") and names[1].endswith(", 1x1 as mm"), names
+    assert len(names) == 4 and names[0].endswith(", plain") and names[1].endswith(", 1x1 as mm"), names
+
+    seen.clear()  # a torch that does not decompose max-pool's backward: the variant would compile the reference
+    monkeypatch.setattr(bench, "decomposition_table", {})
+    assert "sweep: pool" not in bench.main(["--tiny", "--sweep-only"])["section_seconds"]
+    assert [samples for samples, *_ in seen] == [big, 2 * big, big]
 
 
 def test_end_to_end_times_the_default_step_then_the_candidate_for_a_new_default(tmp_path, monkeypatch):

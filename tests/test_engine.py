@@ -154,6 +154,29 @@ def test_max_pool_backward_compiles_as_a_gather_and_gives_eager_gradients(device
     torch.testing.assert_close(lowered, x_eager.grad, rtol=0, atol=0)
 
 
+def test_compiling_for_cuda_sets_inductors_tuned_settings_and_for_the_cpu_leaves_them():
+    """torch.compile is lazy: nothing here needs a GPU. The settings hold for every later compile in the process."""
+    from torch._inductor import config, decomposition
+
+    from engine import CUDA_INDUCTOR, MAX_POOL_BACKWARD, compile_model, lower_max_pool_backward
+
+    before = lower_max_pool_backward(False)
+    decomposed = MAX_POOL_BACKWARD in decomposition.decompositions  # as this torch has it
+    try:
+        with config.patch({key: getattr(config, key) for key in CUDA_INDUCTOR}):  # puts them back afterwards
+            defaults = {key: getattr(config, key) for key in CUDA_INDUCTOR}
+            assert defaults != CUDA_INDUCTOR  # otherwise this test shows nothing
+            compile_model(torch.nn.Linear(2, 2), "default", torch.device("cpu"))
+            assert {key: getattr(config, key) for key in CUDA_INDUCTOR} == defaults
+            assert (MAX_POOL_BACKWARD in decomposition.decompositions) == decomposed
+            compile_model(torch.nn.Linear(2, 2), "default", torch.device("cuda"))
+            assert {key: getattr(config, key) for key in CUDA_INDUCTOR} == CUDA_INDUCTOR
+            assert MAX_POOL_BACKWARD not in decomposition.decompositions
+        assert {key: getattr(config, key) for key in CUDA_INDUCTOR} == defaults
+    finally:
+        lower_max_pool_backward(before)
+
+
 def test_a_step_takes_the_schedules_rate_and_leaves_no_gradient_behind():
     """Adam's first step moves a weight by about lr * sign(g): at a quarter of the rate, a quarter of lr."""
     lr = 1e-2
