@@ -358,3 +358,10 @@ def test_crops_are_drawn_afresh_every_epoch():
     batches = TrainBatches(tokenized_split(), BlankSource(), 8, 0, 0.5, seed=0)
     assert torch.equal(batches[0, 0]["boxes"], batches[0, 0]["boxes"])  # deterministic given (seed, epoch, i)
     assert not torch.equal(batches[0, 0]["boxes"], batches[1, 0]["boxes"])
+
+
+def test_each_rank_draws_crops_of_its_own():
+    """Without the rank in the crop seed, every process would crop its images with the same boxes, step by step."""
+    ranks = [TrainBatches(tokenized_split(), BlankSource(), 4, 0, 0.5, seed=0, rank=r, world=2) for r in (0, 1)]
+    boxes = [b[0, 0]["boxes"] for b in ranks]
+    assert boxes[0].shape == boxes[1].shape and not torch.equal(*boxes)
