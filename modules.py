@@ -169,6 +169,7 @@ class TextEncoder(nn.Module):
             self.model.pooler = NoPooler()
         self.pooling = pooling
         self.out_dim = self._width(name)
+        self.padding_mixes_in = self._padding_mixes_in()
 
     @torch.no_grad()
     def _width(self, name: str) -> int:
@@ -184,6 +185,26 @@ class TextEncoder(nn.Module):
             raise ValueError(f"--text-model {name} fails on a test caption ({type(e).__name__}: {e})") from None
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def _padding_mixes_in(self) -> bool:
+        """Whether padding a caption changes what its own tokens come out as, as in architectures that mix positions
+        outside attention (ConvBERT's convolutions, Canine's downsampling, Nystromformer's landmarks): a caption's
+        vector then depends on its batch's longest caption. One 6-token caption, alone and with 5 pads after it."""
+        was_training = self.model.training
+        n, extra = 6, 5
+        ids = (torch.arange(n) * 7 + 5) % self.model.config.vocab_size
+        pad = torch.full((extra,), self.model.config.pad_token_id or 0)
+        mask = torch.cat([torch.ones(n), torch.zeros(extra)]).long()
+        try:
+            self.eval()
+            alone = self._padded(ids[None], mask[None, :n])
+            padded = self._padded(torch.cat([ids, pad])[None], mask[None])
+        finally:
+            self.train(was_training)
+        if padded.shape[1] != n + extra:  # an architecture that shortens the sequence: not comparable token by token
+            return False
+        return not torch.allclose(padded[:, :n], alone, rtol=0, atol=1e-4)  # fp32 rounding is about 1e-6
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_index: torch.Tensor | None = None) -> torch.Tensor:

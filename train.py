@@ -94,6 +94,10 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
         if cfg.text_pooling == "cls" and tokenizer.cls_token_id is None:  # T5's, for one
             print("note: the tokenizer puts no [CLS] token first, so --text-pooling cls takes the first word's vector;"
                   " --text-pooling mean is the usual choice here (open_clip's for T5)")
+        if raw.text_encoder.padding_mixes_in:
+            print(f"note: --text-model {cfg.text_model} lets a caption's padding change its own tokens' outputs "
+                  f"(it mixes positions outside attention), so a caption's vector depends a little on the longest "
+                  f"caption in its batch, in training, evaluation and search alike")
         if cfg.batch_size * d.world > len(train_split):
             print(f"note: the batch ({d.world} x {cfg.batch_size}) is larger than the {len(train_split)} training "
                   f"images, so each epoch is one batch of {len(train_split)}")

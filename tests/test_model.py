@@ -241,6 +241,21 @@ def test_a_causal_text_model_keeps_its_causal_attention_and_needs_mean_pooling()
         assert torch.allclose(tower(ids, mask), tower(padded, mask), atol=1e-6)  # padding never counts
 
 
+@pytest.mark.parametrize("text_model, mixes", [("distilbert", False), ("bert", False), ("gpt2", False),
+                                               ("convbert", True), ("nystromformer", True)])
+def test_a_text_tower_that_lets_padding_change_its_captions_is_found(text_model, mixes):
+    """ConvBERT's convolutions and Nystromformer's reach past the attention mask; train.py says so. What the flag
+    means: a caption's vector changes with the padding after it."""
+    tower = CLIPModel(tiny_config(text_model=text_model, text_pooling="mean"), 500, pad_id=0).text_encoder.eval()
+    assert tower.padding_mixes_in == mixes
+    ids = torch.randint(5, 500, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = tower(ids, torch.ones_like(ids))
+        padded = tower(torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
+                       torch.cat([torch.ones_like(ids), torch.zeros(1, 4, dtype=torch.long)], 1))
+    assert torch.allclose(alone, padded, atol=1e-5) != mixes
+
+
 @pytest.mark.parametrize("text_model", ["modernbert", "roberta"])
 def test_a_random_text_tower_pads_with_the_tokenizers_padding_id(text_model):
     """ModernBERT's default padding id (50283) lies outside a small vocabulary; RoBERTa's (1) is [UNK] to the local
