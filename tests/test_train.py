@@ -235,7 +235,8 @@ def test_the_notes_name_the_batch_a_small_training_set_allows(tiny_shapes_dir, t
 
 
 def test_cls_pooling_with_a_tokenizer_that_puts_no_cls_first_gets_a_note(tiny_shapes_dir, tmp_path, capsys):
-    """As T5's tokenizer: the first position holds a word, so the note names --text-pooling mean."""
+    """As T5's tokenizer: the first position holds a word, so the note names --text-pooling mean. And a text tower
+    whose padding reaches its real tokens gets a note of its own."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -248,7 +249,11 @@ def test_cls_pooling_with_a_tokenizer_that_puts_no_cls_first_gets_a_note(tiny_sh
         tmp_path / "no-cls")
     train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
                        "--tokenizer", str(tmp_path / "no-cls"), "--text-pooling", "cls"])
-    assert "no [CLS] token first, so --text-pooling cls takes the first word's vector" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no [CLS] token first, so --text-pooling cls takes the first word's vector" in out
+    assert "padding change" not in out  # DistilBERT's padding stays out of the real tokens
     train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run2"), "--epochs", "1",
-                       "--text-pooling", "cls"])  # the local WordPiece tokenizer starts with [CLS]
-    assert "no [CLS] token" not in capsys.readouterr().out
+                       "--text-pooling", "cls", "--text-model", "convbert"])  # the local tokenizer starts with [CLS]
+    out = capsys.readouterr().out
+    assert "no [CLS] token" not in out
+    assert "--text-model convbert lets a caption's padding change its own tokens' outputs" in out  # its convolutions
