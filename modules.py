@@ -204,7 +204,8 @@ class TextEncoder(nn.Module):
             self.train(was_training)
         if padded.shape[1] != n + extra:  # an architecture that shortens the sequence: not comparable token by token
             return False
-        return not torch.allclose(padded[:, :n], alone, rtol=0, atol=1e-4)  # fp32 rounding is about 1e-6
+        # fp32 rounding moves outputs by about 1e-6 of their size; the towers flagged move them by 5e-3 to 4
+        return not torch.allclose(padded[:, :n], alone, rtol=1e-4, atol=1e-4)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_index: torch.Tensor | None = None) -> torch.Tensor:
