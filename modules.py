@@ -168,44 +168,34 @@ class TextEncoder(nn.Module):
             # gradient, which stops DDP after the first step.
             self.model.pooler = NoPooler()
         self.pooling = pooling
-        self.out_dim = self._width(name)
-        self.padding_mixes_in = self._padding_mixes_in()
+        self.out_dim, self.padding_mixes_in = self._probe(name)
 
     @torch.no_grad()
-    def _width(self, name: str) -> int:
-        """The width of the vectors it pools, from one tiny forward pass: not always the config's hidden_size (OPT
-        projects its output to word_embed_proj_dim). A tower that cannot run fails here, before any data work."""
+    def _probe(self, name: str) -> tuple[int, bool]:
+        """Two tiny forward passes, of one caption alone and with 5 pads after it. They give the width of the vectors
+        it pools (not always the config's hidden_size: OPT projects its output to word_embed_proj_dim), and whether
+        padding changes what a caption's own tokens come out as, as in architectures that mix positions outside
+        attention (ConvBERT's convolutions, Canine's downsampling, Nystromformer's landmarks): a caption's vector
+        then depends on its batch's longest caption. A tower that cannot run fails here, before any data work."""
         was_training = self.model.training
         # caption-like length (Funnel halves it block by block), within the positions the model has
-        ids = torch.zeros(1, min(16, getattr(self.model.config, "max_position_embeddings", None) or 16),
-                          dtype=torch.long)
+        length = min(16, getattr(self.model.config, "max_position_embeddings", None) or 16)
+        n = max(1, length - 5)
+        ids = torch.cat([(torch.arange(n) * 7 + 5) % self.model.config.vocab_size,
+                         torch.full((length - n,), self.model.config.pad_token_id or 0)])
+        mask = (torch.arange(length) < n).long()
         try:
-            return self.eval()._padded(ids, torch.ones_like(ids)).shape[-1]
+            self.eval()
+            alone = self._padded(ids[None, :n], mask[None, :n])
+            padded = self._padded(ids[None], mask[None])
         except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as e:
             raise ValueError(f"--text-model {name} fails on a test caption ({type(e).__name__}: {e})") from None
         finally:
             self.train(was_training)
-
-    @torch.no_grad()
-    def _padding_mixes_in(self) -> bool:
-        """Whether padding a caption changes what its own tokens come out as, as in architectures that mix positions
-        outside attention (ConvBERT's convolutions, Canine's downsampling, Nystromformer's landmarks): a caption's
-        vector then depends on its batch's longest caption. One 6-token caption, alone and with 5 pads after it."""
-        was_training = self.model.training
-        n, extra = 6, 5
-        ids = (torch.arange(n) * 7 + 5) % self.model.config.vocab_size
-        pad = torch.full((extra,), self.model.config.pad_token_id or 0)
-        mask = torch.cat([torch.ones(n), torch.zeros(extra)]).long()
-        try:
-            self.eval()
-            alone = self._padded(ids[None], mask[None, :n])
-            padded = self._padded(torch.cat([ids, pad])[None], mask[None])
-        finally:
-            self.train(was_training)
-        if padded.shape[1] != n + extra:  # an architecture that shortens the sequence: not comparable token by token
-            return False
+        if padded.shape[1] != length:  # an architecture that shortens the sequence: not comparable token by token
+            return padded.shape[-1], False
         # fp32 rounding moves outputs by about 1e-6 of their size; the towers flagged move them by 5e-3 to 4
-        return not torch.allclose(padded[:, :n], alone, rtol=1e-4, atol=1e-4)
+        return padded.shape[-1], not torch.allclose(padded[:, :n], alone, rtol=1e-4, atol=1e-4)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_index: torch.Tensor | None = None) -> torch.Tensor:
