@@ -98,9 +98,9 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
             print(f"note: --text-model {cfg.text_model} lets a caption's padding change its own tokens' outputs "
                   f"(it mixes positions outside attention), so a caption's vector depends a little on the longest "
                   f"caption in its batch, in training, evaluation and search alike")
-        if cfg.batch_size * d.world > len(train_split):
+        if cfg.batch_size * d.world > len(train_split) and not cfg.compile:  # compiled: no batch at all (below)
             print(f"note: the batch ({d.world} x {cfg.batch_size}) is larger than the {len(train_split)} training "
-                  f"images, so each epoch is one batch of {len(train_split)}")
+                  f"images, so each epoch is one batch of {d.world * (len(train_split) // d.world)}")
 
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in raw.image_encoder.modules())
     if d.main and cfg.accum_steps > 1 and has_bn and cfg.image_trainable and not cfg.image_freeze_bn_stats:
@@ -123,7 +123,8 @@ def build(cfg: Config, d: Dist, device: torch.device, dtype: torch.dtype, run_di
                            pack_chunks=cfg.accum_steps if cfg.pack_text and raw.text_encoder.packed else 0)
     if len(batches) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} x {d.world} process(es) exceeds the {len(train_split)} "
-                         f"training images")
+                         f"training images" + (", and --compile drops a last batch smaller than the rest (one shape "
+                                               "for the compiled model): lower --batch-size" if cfg.compile else ""))
     if batches.pack_chunks:
         batches.fix_token_capacity(cfg.epochs)  # one token_index shape for the whole run, eager or compiled
     state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "loss_sum": 0.0, "loss_count": 0}
