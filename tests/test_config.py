@@ -170,3 +170,5 @@ def test_the_seed_repeats_python_numpy_and_torch_draws():
     first = draws()
     seed_everything(3)
     assert draws() == first
+    seed_everything(4)  # and each generator follows the seed given
+    assert all(a != b for a, b in zip(draws(), first))

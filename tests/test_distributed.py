@@ -81,7 +81,8 @@ def _rank(rank, port, mode, out):
         loss = contrastive_loss(*model(images, ids, mask, index), d, local_loss=mode == "local")
         loss.backward()
     # the loss as train.py logs it: under --local-loss each rank holds only its rows' share
-    torch.save({"loss": global_mean(loss.detach(), d).item(), "grads": gradients(raw)}, out / f"{mode}-{rank}.pt")
+    torch.save({"loss": global_mean(loss.detach(), d).item(), "rank_loss": loss.item(), "grads": gradients(raw)},
+               out / f"{mode}-{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -112,6 +113,12 @@ def test_two_ranks_match_one_process_with_the_whole_batch(two_rank_results, mode
     for rank_result in two_rank_results[mode]:
         assert rank_result["loss"] == pytest.approx(loss, rel=1e-5)
         assert_same_gradients(grads, rank_result["grads"])
+    # each rank's own loss: the whole matrix's, or under --local-loss only its own rows' (different on each rank)
+    own = [r["rank_loss"] for r in two_rank_results[mode]]
+    if mode == "local":
+        assert abs(own[0] - own[1]) > 1e-3 * loss
+    else:
+        assert own == pytest.approx([loss] * WORLD, rel=1e-5)
 
 
 def test_gradient_caching_in_one_process_matches_one_big_batch():

@@ -200,10 +200,19 @@ def test_an_architecture_whose_config_refuses_a_new_depth_says_so_naming_the_fla
 
 
 def test_a_checkpoint_saved_with_berts_pooler_still_loads(tmp_path):
-    model = CLIPModel(tiny_config(text_model="bert"), 500)
-    weights = {**model.state_dict(), "text_encoder.model.pooler.dense.weight": torch.zeros(64, 64)}
+    """Text towers drop BERT's unused pooler; a file that still has it loads every other weight, and hands the
+    pooler back."""
+    torch.manual_seed(0)
+    saved = CLIPModel(tiny_config(text_model="bert"), 500)
+    pooler = {"text_encoder.model.pooler.dense.weight": torch.randn(64, 64)}
+    weights = {**saved.state_dict(), **pooler}
     save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "model.safetensors")
-    load_weights(model, tmp_path / "model.safetensors")
+    torch.manual_seed(1)
+    model = CLIPModel(tiny_config(text_model="bert"), 500)
+    assert not torch.equal(model.image_projection.proj.weight, saved.image_projection.proj.weight)
+    assert load_weights(model, tmp_path / "model.safetensors").keys() == pooler.keys()
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small_050", "lcnet_035"])

@@ -209,13 +209,21 @@ def test_the_same_preset_learns_an_unseen_data_set(tmp_path):
     assert (data / "tokenizer" / "tokenizer.json").exists()  # trained from this folder's own captions
 
 
-def test_compiled_training_matches_eager_training(tiny_shapes_dir, tmp_path):
+def test_compiled_training_matches_eager_training(tiny_shapes_dir, tmp_path, monkeypatch):
     """--compile (one batch shape, captions padded to --max-length, CUDA-graph mode where there is a GPU) trains the
-    same model as eager mode: 180 training images in batches of 45, so both see the same four batches."""
+    same model as eager mode: 180 training images in batches of 45, so both see the same four batches. The compiled
+    run does compile (else it would match eager mode trivially): dynamo captures graphs, eager mode none."""
+    calls = []
+    compile_model = train.compile_model
+    monkeypatch.setattr(train, "compile_model", lambda *a: calls.append(a[1:]) or compile_model(*a))
     common = TINY + ["--data-dir", str(tiny_shapes_dir), "--batch-size", "45", "--epochs", "1"]
+    torch._dynamo.utils.counters.clear()
     train.main(common + ["--run-dir", str(tmp_path / "eager")])
+    assert not calls and not torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch._inductor.config.patch(fallback_random=True):  # the text tower's dropout draws as in eager mode
         train.main(common + ["--run-dir", str(tmp_path / "compiled"), "--compile", "--compile-mode", "reduce-overhead"])
+    assert [mode for mode, _ in calls] == ["reduce-overhead"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     (eager_log,), (compiled_log,) = read_jsonl(tmp_path / "eager" / "metrics.jsonl"), \
         read_jsonl(tmp_path / "compiled" / "metrics.jsonl")
     assert eager_log["step"] == compiled_log["step"] == 4
