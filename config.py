@@ -70,7 +70,7 @@ class Config:
     lr_text: float = 1e-5  # ...the text tower slowest...
     lr_head: float = 1e-3  # ...the freshly initialised heads and the temperature move fast
     weight_decay: float = 0.01  # AdamW default; never applied to norms, biases or the temperature
-    warmup_frac: float = 0.05  # share of all steps spent warming the learning rate up linearly from 0
+    warmup_frac: float = 0.05  # share of all steps warming the rate up linearly (the first step takes 1/warmup of it)
     min_lr_frac: float = 0.0  # cosine decays to this share of each group's learning rate
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     seed: int = 0  # python, numpy and torch; each process adds its rank
