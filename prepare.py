@@ -237,6 +237,15 @@ def adopt_unzipped(out: Path, spec: DatasetSpec) -> bool:
     return True
 
 
+def data_sets_within(out: Path) -> list[str]:
+    """Folders below OUT that are data sets of their own: prepared by download.py (a report), or laid out as it
+    lays them out (images/ beside a caption file). Kaggle's zips hold neither; an unfinished extraction is ours."""
+    found = {p.parent for p in out.rglob(REPORT)}
+    found |= {p.parent for p in out.rglob("images") if p.is_dir() and any((p.parent / n).is_file() for n in
+                                                                           CAPTION_FILES)}
+    return sorted(str(f.relative_to(out)) for f in found if f != out and not f.is_relative_to(out / STAGING))
+
+
 def fetch(spec: DatasetSpec, out: Path, zip_path=None, connect=None, keep_zip: bool = False) -> None:
     """Make OUT a data folder of `spec`: from `zip_path` if given (never deleted), else from the zip unzipped by
     hand in OUT, else from Kaggle (the download is deleted after a successful extraction unless keep_zip). Does
@@ -251,6 +260,11 @@ def fetch(spec: DatasetSpec, out: Path, zip_path=None, connect=None, keep_zip: b
             print(f"note: --zip {zip_path} was not used: {out} already holds a data set; to prepare from the zip "
                   f"instead, pass another --out, or delete {out} first")
         return
+    nested = data_sets_within(out)
+    if nested:  # `--out data` for `--out data/flickr30k`: adopting would take those data sets apart
+        raise PrepareError(f"{out} holds data sets of its own ({', '.join(nested[:3])}), so it is not one data set's "
+                           f"folder; nothing was moved. --out names the folder of one data set: for instance --out "
+                           f"{quote(str(out / spec.name))}")
     if zip_path is None and adopt_unzipped(out, spec):
         return
     refuse_partial_out(out, spec)
@@ -275,7 +289,7 @@ def read_name_list(path: Path) -> list[str]:
     """Image names from a split list: one per line, first field (`name.jpg,caption`, `name.jpg#0 caption`, or a
     bare Flickr id, which gets `.jpg`); a header line and repeats are skipped."""
     names = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="surrogateescape").splitlines():  # names not UTF-8 as the disk's are read
         first = re.split(r"[,\s#]", line.strip(), maxsplit=1)[0]
         if Path(first).suffix.lower() in IMAGE_EXTS:
             names.append(first)
@@ -297,7 +311,10 @@ def read_split_file(path) -> dict[str, list[str]]:
         data = read_json_file(path, "pass Karpathy's dataset_flickr30k.json or a {\"train\": [...], ...} file")
         if isinstance(data, dict) and isinstance(data.get("images"), list):
             splits = {s: [] for s in SPLITS}
-            for image in data["images"]:
+            for i, image in enumerate(data["images"]):
+                if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
+                    raise PrepareError(f"--split-file {path}: images[{i}] is {str(image)[:80]}, not an entry with a "
+                                       f"\"filename\" and a \"split\" as in Karpathy's dataset_flickr30k.json")
                 split = {"restval": "train"}.get(image.get("split"), image.get("split"))
                 if split in splits:
                     splits[split].append(image["filename"])

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import os
 import random
 import re
 import shutil
@@ -269,6 +270,23 @@ def test_zip_unzipped_by_hand_is_moved_into_place(tmp_path, kaggle_zip, copy_dif
     assert sorted(p.name for p in out.iterdir()) == ["images", "prepare_report.json", "results.csv"]
 
 
+@pytest.mark.parametrize("prepared", [True, False])
+def test_out_above_data_sets_takes_none_of_them_apart(tmp_path, kaggle_zip, prepared):
+    """`--out data` for `--out data/flickr30k`, where data/ holds data sets (prepared, or laid out as ours and not
+    yet prepared): unzipping by hand is not assumed, nothing is moved or deleted, and the message names --out."""
+    data = tmp_path / "data"
+    assert run(["--zip", str(kaggle_zip), "--out", str(data / "flickr30k")]) == 0
+    shutil.copytree(data / "flickr30k", data / "copy")  # a redundant copy, as adopting would delete
+    if not prepared:
+        for folder in ("flickr30k", "copy"):
+            (data / folder / "prepare_report.json").unlink()
+    before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
+    with pytest.raises(SystemExit, match=r"holds data sets of its own \(copy, flickr30k\).*nothing was moved.*--out "
+                                         r".*data/flickr30k"):
+        run(["--out", str(data)])  # the fake Kaggle fails the test if a download starts
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before
+
+
 def test_prepare_on_the_kaggle_zip_unzipped_by_hand_points_to_out(tmp_path, kaggle_zip):
     with zipfile.ZipFile(kaggle_zip) as zf:
         zf.extractall(tmp_path / "unzipped")
@@ -340,6 +358,24 @@ def test_karpathy_txt_lists(tmp_path):
     (tmp_path / "lists" / "flickr30k_val_karpathy.txt").unlink()
     with pytest.raises(prepare.PrepareError, match="flickr30k_val_karpathy.txt"):
         prepare.read_split_file(tmp_path / "lists" / "flickr30k_train_karpathy.txt")
+
+
+@pytest.mark.parametrize("images, message", [
+    ([{"split": "train", "file": "1.jpg"}], r"images\[0\] is \{'split': 'train', 'file': '1.jpg'\}, not an entry "
+                                            r"with a \"filename\""),
+    ([{"filename": "1.jpg", "split": "train"}, "2.jpg"], r"images\[1\] is 2.jpg, not an entry"),
+])
+def test_a_malformed_karpathy_json_names_its_entry(tmp_path, images, message):
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(prepare.PrepareError, match=r"--split-file .*dataset_flickr30k.json: " + message):
+        prepare.read_split_file(tmp_path / "dataset_flickr30k.json")
+
+
+def test_split_lists_with_a_name_that_is_not_utf8_are_read(tmp_path):
+    splits = {"train": EXPECTED["train"], "val": EXPECTED["val"], "test": EXPECTED["test"]}
+    listed = karpathy_txt(tmp_path / "lists", splits)
+    (tmp_path / "lists" / "flickr30k_train_karpathy.txt").write_bytes(b"caf\xe9.jpg,a cafe\n")  # Windows-1252
+    assert prepare.read_split_file(listed)["train"] == [os.fsdecode(b"caf\xe9.jpg")]  # as the disk spells it
 
 
 def test_split_file_sizes_reach_the_report_and_training_data(tmp_path, kaggle_zip):
