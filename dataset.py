@@ -236,7 +236,8 @@ class CaptionData:
         report = self.data_dir / "prepare_report.json"
         if not report.exists():
             return False
-        return read_json_file(report, "").get("images_fingerprint") == fingerprint(image_files_in(self.image_dir))
+        return read_json_file(report, "").get("images_fingerprint") == fingerprint(image_files_in(self.image_dir),
+                                                                                   self.image_dir.resolve())
 
     def tokenize(self, tokenizer, max_length: int) -> None:
         """Tokenise every caption once, up front, padded to max_length (batches are trimmed later); after

@@ -36,8 +36,8 @@ from utils import fsync_dir, write_json
 
 MIN_SIDE = 2  # pixels: a 1-pixel-wide file is a placeholder or a spacer, not a picture
 Image.MAX_IMAGE_PIXELS = 200_000_000  # still guards against decompression bombs, but allows big photos
-CACHE_VERSION = 3  # bump when `to_square` changes, so older caches are rebuilt (2: JPEGs decode at reduced scale;
-# 3: 16-bit grayscale is scaled to 8 bits, no longer clipped to white)
+CACHE_VERSION = 4  # bump when `to_square` or the meta file changes, so older caches are rebuilt (2: JPEGs decode at
+# reduced scale; 3: 16-bit grayscale is scaled to 8 bits, no longer clipped to white; 4: failed images stored as rows)
 
 
 def load_rgb(path, min_side: int = 0) -> Image.Image:
@@ -98,14 +98,16 @@ def find_bad_images(paths: list[Path], workers: int) -> dict[str, str]:
             pool.shutdown(cancel_futures=True)
 
 
-def fingerprint(paths) -> str:
+def fingerprint(paths, root=None) -> str:
     """Changes when any file is added, removed, resized, touched or replaced by another file (the inode: renames
-    that swap two files, or an extraction that keeps sizes and times)."""
+    that swap two files, or an extraction that keeps sizes and times). With `root`, names count relative to it, so
+    moving the folder that holds root and files alike (on one file system: inodes and times stay) changes nothing."""
     h = hashlib.sha1()
     for p in paths:
         st = os.stat(p)
+        name = os.path.relpath(p, root) if root else p
         # fsencode: a name that is not UTF-8 on disk holds surrogates, which str.encode() refuses
-        h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}\n".encode())
+        h.update(os.fsencode(name) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}\n".encode())
     return h.hexdigest()
 
 
@@ -132,12 +134,19 @@ class JpegSource:
 
 
 class CacheSource:
-    """Every image decoded once into one memory-mapped (N, S, S, 3) uint8 array."""
+    """Every image decoded once into one memory-mapped (N, S, S, 3) uint8 array.
 
-    def __init__(self, file, size: int):
+    `lock`: the file, open with a shared flock on it while this object lives, so that a build for another list of
+    files (in another process: evaluate.py after a caption edit) leaves the file in place. Data-loader workers need
+    no lock of their own: a forked one shares this one (its exit does not release it), a spawned one unpickles a
+    copy without it, and either ends before the process holding it.
+    """
+
+    def __init__(self, file, size: int, lock=None):
         self.file = str(file)
         self.size = size
         self._array = None
+        self._lock = lock
 
     @property
     def array(self) -> np.ndarray:
@@ -146,7 +155,7 @@ class CacheSource:
         return self._array
 
     def __getstate__(self):
-        return {"file": self.file, "size": self.size, "_array": None}
+        return {"file": self.file, "size": self.size, "_array": None, "_lock": None}
 
     def __len__(self):
         return len(self.array)
@@ -182,8 +191,52 @@ def abandoned_build(tmp: Path) -> bool:
     return True
 
 
-def _decode_into(array: np.ndarray, paths: list[str], size: int, workers: int, desc: str) -> list[str]:
-    """Fill array[i] with path i's square, in `workers` processes; returns the paths that failed to decode."""
+def _lock_shared(file: Path):
+    """`file` open with a shared flock on it (see CacheSource), or None if it is gone: deleted as stale, or replaced
+    by another build, between finding it and locking it."""
+    try:
+        f = open(file, "rb")
+    except FileNotFoundError:
+        return None
+    fcntl.flock(f, fcntl.LOCK_SH)  # waits while a clean-up holds LOCK_EX to delete it
+    try:
+        if os.stat(file).st_ino == os.fstat(f.fileno()).st_ino:
+            return f
+    except FileNotFoundError:
+        pass
+    f.close()
+    return None
+
+
+def _delete_unless_in_use(file: Path) -> None:
+    """Delete a stale cache (.npy and .json) unless a process still reads it (holds its shared lock): that one stays
+    for a later call. Deleted under LOCK_EX, so a reader locking it meanwhile then finds it gone (see _lock_shared)."""
+    try:
+        f = open(file, "rb")
+    except FileNotFoundError:  # a meta file left alone, or another process deleting beside us got there first
+        file.with_suffix(".json").unlink(missing_ok=True)
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{file}: a stale image cache, kept while another process still reads it")
+            return
+        file.unlink(missing_ok=True)
+        file.with_suffix(".json").unlink(missing_ok=True)
+
+
+def _read_meta(meta_file: Path) -> dict:
+    """A cache's meta file, or {} (a rebuild) if it is missing or unreadable: cut short by a crash or a full disk."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _decode_into(array: np.ndarray, paths: list[str], size: int, workers: int, desc: str) -> list[int]:
+    """Fill array[i] with path i's square, in `workers` processes; returns the rows whose file failed to decode."""
     jobs = [(p, size) for p in paths]
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     results = pool.map(_square_or_none, jobs, chunksize=64) if pool else map(_square_or_none, jobs)
@@ -191,7 +244,7 @@ def _decode_into(array: np.ndarray, paths: list[str], size: int, workers: int, d
     try:
         for i, img in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
             if img is None:
-                failed.append(paths[i])
+                failed.append(i)
             else:
                 array[i] = img
     finally:
@@ -208,22 +261,26 @@ def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "cach
     paths = [str(p) for p in paths]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha1(b"\n".join(map(os.fsencode, paths))).hexdigest()[:12]
+    # keyed on paths relative to the cache folder, which lives in the data folder: a moved data folder keeps its cache
+    # (and a folder spelled relative or absolute, or through a symlink, has one key however the caller spells both)
+    names = [os.path.relpath(p, cache_dir) for p in paths]
+    key = hashlib.sha1(b"\n".join(map(os.fsencode, names))).hexdigest()[:12]
     file, meta_file = cache_dir / f"images-{size}px-{key}.npy", cache_dir / f"images-{size}px-{key}.json"
-    stamp = fingerprint(paths)
-    if file.exists() and meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("fingerprint") == stamp and meta.get("version") == CACHE_VERSION:
-            return CacheSource(file, size), meta["failed"]
     # a cache of this size for another list of files (images added, removed or found broken since) is stale, and
-    # at Flickr30k's size it holds gigabytes; caches of other sizes stay, for models of other resolutions
-    for old in cache_dir.glob(f"images-{size}px-*"):
-        if old.name not in (file.name, meta_file.name):
-            old.unlink(missing_ok=True)  # missing: another process building beside us got there first
+    # at Flickr30k's size it holds gigabytes; caches of other sizes stay, for models of other resolutions. Tidied on
+    # every call, so a stale cache kept while a run still read it goes at the next call after that run ends.
+    for old in {p.with_suffix(".npy") for p in cache_dir.glob(f"images-{size}px-*")} - {file}:
+        _delete_unless_in_use(old)
     for tmp in cache_dir.glob(".images-*.tmp"):  # never another process's build in progress
         with contextlib.suppress(FileNotFoundError):
             if abandoned_build(tmp):
                 tmp.unlink()
+    stamp = fingerprint(paths, root=cache_dir)
+    meta = _read_meta(meta_file)
+    if meta.get("fingerprint") == stamp and meta.get("version") == CACHE_VERSION:
+        lock = _lock_shared(file)
+        if lock:
+            return CacheSource(file, size, lock), [paths[i] for i in meta["failed"]]
     need = len(paths) * size * size * 3
     free = shutil.disk_usage(cache_dir).free
     if need > free:
@@ -232,21 +289,25 @@ def build_cache(paths, size: int, cache_dir, workers: int = 0, desc: str = "cach
     # a name of our own: another process building the same cache (two runs on one data folder) writes beside us,
     # and whichever finishes last replaces the other's equal file
     tmp = cache_dir / f".{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "xb") as lock:
+    lock = open(tmp, "xb")
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until the cache is in place: abandoned_build() leaves the file alone
-        try:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-            failed = _decode_into(array, paths, size, workers, desc)
-            array.flush()
-            del array
-            os.replace(tmp, file)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+        failed_rows = _decode_into(array, paths, size, workers, desc)
+        array.flush()
+        del array
+        os.replace(tmp, file)
+    except BaseException:
+        lock.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    # from here on, the lock of a cache in use (see CacheSource); flock swaps the lock's kind non-atomically, but a
+    # clean-up would have to glob this new file within that moment
+    fcntl.flock(lock, fcntl.LOCK_SH)
     write_json(meta_file, {"version": CACHE_VERSION, "fingerprint": stamp, "size": size, "count": len(paths),
-                           "failed": failed})
+                           "failed": failed_rows})
     fsync_dir(cache_dir)
-    return CacheSource(file, size), failed
+    return CacheSource(file, size, lock), [paths[i] for i in failed_rows]
 
 
 def sample_boxes(generator: torch.Generator, n: int, size: int, scale_min: float,

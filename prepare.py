@@ -464,9 +464,10 @@ def prepare(data_dir, spec: DatasetSpec | None = None, split_file=None, workers:
     if split_file:
         save_json(data_dir / "splits.json", splits or read_split_file(split_file))
     image_files = image_files_in(image_dir)
-    images_stamp = fingerprint(image_files)
+    root = image_dir.resolve()  # names relative to it: a moved folder (same inodes and times) is still unchanged
+    images_stamp = fingerprint(image_files, root)
     splits_file = [data_dir / "splits.json"] if (data_dir / "splits.json").exists() else []
-    stamp = fingerprint([caption_file.resolve(), *image_files, *(f.resolve() for f in splits_file)])
+    stamp = fingerprint([caption_file.resolve(), *image_files, *(f.resolve() for f in splits_file)], root)
     old = read_old_report(data_dir)
     # the counts are checked against `spec` alone, never a data set remembered from the report: a folder once
     # prepared with --dataset may well be data of your own, which a plain --prepare must not warn about

@@ -181,6 +181,17 @@ def test_second_run_verifies_quickly_and_downloads_nothing(tmp_path, kaggle_zip,
     assert (out / "prepare_report.json").stat().st_mtime_ns == stamp
 
 
+def test_a_moved_data_folder_is_still_prepared_and_unchanged(tmp_path, kaggle_zip, monkeypatch, capsys):
+    """Moving a folder (on one file system) keeps every file's inode and times: its report still holds."""
+    assert run(["--zip", str(kaggle_zip), "--out", str(tmp_path / "flickr30k")]) == 0
+    os.rename(tmp_path / "flickr30k", tmp_path / "moved")
+    assert CaptionData(tmp_path / "moved", verbose=False).report_is_current()
+    capsys.readouterr()
+    monkeypatch.setattr(prepare, "find_bad_images", lambda *a: pytest.fail("images were decoded again"))
+    assert run(["--out", str(tmp_path / "moved")]) == 0  # (--prepare DIR re-verifies on purpose)
+    assert "already prepared and unchanged" in capsys.readouterr().out
+
+
 def test_interrupted_extraction_is_redone(tmp_path, kaggle_zip, with_key, monkeypatch, capsys):
     out, fake = tmp_path / "flickr30k", FakeKaggle(kaggle_zip)
     real, calls = prepare.extract_member, []

@@ -5,6 +5,7 @@ import json
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,58 @@ def test_a_cache_for_another_list_of_files_is_replaced_and_other_sizes_are_kept(
     left = sorted(p.name.split("-")[1] for p in (tmp_path / "cache").iterdir())
     assert left == ["24px", "24px", "32px", "32px"]  # one .npy and one .json each
     assert np.load(next((tmp_path / "cache").glob("images-32px-*.npy")), mmap_mode="r").shape[0] == 2
+
+
+@pytest.mark.parametrize("found", [False, True])
+def test_a_cache_still_in_use_survives_a_build_for_other_files_and_goes_once_released(tmp_path, found):
+    """A training run reads its cache lazily (validation, data-loader workers); evaluate.py building a cache for a
+    new list of files (a caption edit dropped an image) must not delete it from under the run."""
+    paths = [photo(tmp_path / f"{i}.jpg", 80, 60, i) for i in range(3)]
+    cache = tmp_path / "cache"
+    if found:
+        build_cache(paths, 32, cache)  # built by an earlier run, which has ended
+    in_use, _ = build_cache(paths, 32, cache)  # holds its lock while it lives, as the training run's does
+    build_cache(paths[:2], 32, cache)
+    assert np.array_equal(in_use.get([2])[0], to_square(paths[2], 32))  # first opened only now, after the build
+    assert len(list(cache.glob("images-32px-*.npy"))) == 2
+    old = Path(in_use.file)
+    del in_use  # the run ends: its lock goes with it
+    build_cache(paths[:2], 32, cache)  # found, and the next call tidies up
+    assert not old.exists() and not old.with_suffix(".json").exists()
+    assert len(list(cache.glob("images-32px-*"))) == 2  # the 2-image cache's .npy and .json
+
+
+def test_a_moved_data_folder_keeps_its_cache(tmp_path, monkeypatch):
+    """The cache lives in the data folder (DATA/.cache): moving the folder on one file system keeps every inode and
+    time, so nothing needs decoding again, and failed files are reported where they are now."""
+    import images
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    paths = [photo(data / "images" / f"{i}.jpg", 80, 60, i) for i in range(3)] + [data / "images" / "broken.jpg"]
+    paths[-1].write_bytes(b"not an image")
+    before, _ = build_cache(paths, 32, data / ".cache")
+    pixels = before.get([0, 1, 2])
+    os.rename(data, tmp_path / "moved")
+
+    def decode_again(*args):
+        raise AssertionError("the cache of a moved folder was built again")
+
+    monkeypatch.setattr(images, "_decode_into", decode_again)
+    moved = [tmp_path / "moved" / p.relative_to(data) for p in paths]
+    after, failed = build_cache(moved, 32, tmp_path / "moved" / ".cache")
+    assert np.array_equal(after.get([0, 1, 2]), pixels) and failed == [str(moved[-1])]
+
+
+def test_a_meta_file_cut_short_means_a_rebuild(tmp_path):
+    paths = [photo(tmp_path / f"{i}.jpg", 80, 60, i) for i in range(2)]
+    first, _ = build_cache(paths, 32, tmp_path / "cache")
+    meta_file = Path(first.file).with_suffix(".json")
+    meta_file.write_text(meta_file.read_text()[:20])  # the machine went down while it was written
+    np.load(first.file, mmap_mode="r+")[:] = 0  # so that only a rebuild gives the right pixels
+    rebuilt, failed = build_cache(paths, 32, tmp_path / "cache")
+    assert failed == [] and np.array_equal(rebuilt.get([0, 1]), JpegSource(paths, 32).get([0, 1]))
+    assert json.loads(meta_file.read_text())["count"] == 2
 
 
 def test_cache_reports_files_that_do_not_decode(tmp_path):
