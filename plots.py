@@ -7,6 +7,7 @@ registers the PNG display for Figures).
 
 import json
 import math
+import os
 import textwrap
 from pathlib import Path
 
@@ -108,6 +109,12 @@ def plot_curves(run_dir) -> Path | None:
 LITERAL = {"parse_math": False}  # queries, captions and file names are shown as typed: "$5" is not TeX
 
 
+def printable(name: str) -> str:
+    """A file name as it can be drawn. A name that is not UTF-8 on disk reaches Python with its stray bytes as
+    surrogates (U+DC80..U+DCFF), which matplotlib refuses to draw; they become U+FFFD (�), as a terminal shows them."""
+    return os.fsencode(name).decode("utf-8", errors="replace")
+
+
 def thumbnail(path):
     img = load_rgb(path)
     img.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -136,7 +143,7 @@ def text_to_image_figure(query: str, hits, columns: int = 3) -> Figure:
     shrinks to the picture's shape inside its cell, so a file name and the next row's title met. Here every cell is a
     square with room above for the title and below for the name, and shrinking only adds air."""
     rows = math.ceil(len(hits) / columns)
-    names = [textwrap.wrap(Path(hit.item).name, NAME_CHARACTERS) or [""] for hit in hits]
+    names = [textwrap.wrap(printable(Path(hit.item).name), NAME_CHARACTERS) or [""] for hit in hits]
     sup = textwrap.fill(f"“{query}”", 60)
     title = _lines_inches(1, 10) + 6 / 72 + AIR  # matplotlib's title pad is 6 pt
     label = _lines_inches(max(map(len, names), default=1), 7) + 4 / 72 + AIR  # and the label pad 4 pt
@@ -167,7 +174,7 @@ def image_to_text_figure(image, hits) -> Figure:
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.7]})
     left.imshow(thumbnail(image))
     _frame(left, OTHER, 1)
-    left.set_title(textwrap.fill(f"query: {Path(image).name}", 40), fontsize=11, **LITERAL)
+    left.set_title(textwrap.fill(f"query: {printable(Path(image).name)}", 40), fontsize=11, **LITERAL)
     right.set_axis_off()
     right.set(xlim=(0, 1), ylim=(height, 0))  # y counts caption lines from the top
     y = 0.0

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -137,4 +138,18 @@ def test_dollar_signs_are_drawn_as_typed_not_as_tex(pictures, tmp_path):
     assert plots.save_figure(fig, tmp_path / "grid.png").stat().st_size > 0
     assert "$5" in fig._suptitle.get_text() and fig.axes[0].get_xlabel() == "price_$5_$6.jpg"
     panel = plots.image_to_text_figure(odd, [hit(1, 0, query, 0.5, False)])
+    assert plots.save_figure(panel, tmp_path / "panel.png").stat().st_size > 0
+
+
+@pytest.mark.filterwarnings("error:Glyph")  # a character the font lacks is drawn as an empty box: a failure here
+def test_a_file_name_that_is_not_utf8_is_drawn_not_a_crash(pictures, tmp_path):
+    """Python holds a name that is not UTF-8 on disk with surrogates, which matplotlib refuses to draw (a TypeError
+    from set_text); the stray byte is drawn as U+FFFD instead, as a terminal shows it."""
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes, as an old camera or zip may name it
+    odd.write_bytes(pictures[0].read_bytes())
+    grid = plots.text_to_image_figure("a red circle", [hit(1, 0, str(odd), 0.9, False)])
+    assert grid.axes[0].get_xlabel() == "caf\N{REPLACEMENT CHARACTER}.jpg"
+    assert plots.save_figure(grid, tmp_path / "grid.jpg").stat().st_size > 0
+    panel = plots.image_to_text_figure(odd, [hit(1, 0, "a red circle", 0.5, False)])
+    assert panel.axes[0].get_title() == "query: caf\N{REPLACEMENT CHARACTER}.jpg"
     assert plots.save_figure(panel, tmp_path / "panel.png").stat().st_size > 0
