@@ -9,7 +9,7 @@ the same way, with what had to be repaired or dropped on the way (line by line, 
 import csv
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from shlex import quote
 
 IMAGE_DIRS = ["images", "Images", "flickr30k_images", "flickr8k_images"]
@@ -32,6 +32,11 @@ class ParseReport:
 def find_layout(data_dir) -> tuple[Path, Path]:
     """(caption file, image folder) of a data folder, or an error saying what was expected."""
     root = Path(data_dir)
+    if root.is_file():  # its caption file or one of its images (tab completion went one step too far), or a zip
+        home = next((p for p in root.parents[:2] if is_data_folder(p)), None)
+        where = (f"pass {home}, the data folder it lies in" if home else f"pass the folder that holds a caption "
+                 f"file (one of {CAPTION_FILES}) and an image folder (one of {IMAGE_DIRS})")
+        raise FileNotFoundError(f"data folder {root} is a file, not a folder; {where}")
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist; create it with `python download.py` "
                                 f"(Flickr30k) or `python download.py --dataset shapes --out {quote(str(root))}` "
@@ -47,6 +52,8 @@ def find_layout(data_dir) -> tuple[Path, Path]:
         raise FileNotFoundError(f"{root} holds a Kaggle zip unzipped by hand (its caption file is in {images}); "
                                 f"`python download.py --out {quote(str(root))}` moves one copy into place and "
                                 f"prepares it")
+    if (captions is None or images is None) and root.name in IMAGE_DIRS and is_data_folder(root.parent):
+        raise FileNotFoundError(f"{root} is the image folder of the data folder {root.parent}; pass {root.parent}")
     if captions is None or images is None:
         lacks = ([f"a caption file (one of {CAPTION_FILES})"] if captions is None else []) + \
             ([f"an image folder (one of {IMAGE_DIRS})"] if images is None else [])
@@ -57,9 +64,18 @@ def find_layout(data_dir) -> tuple[Path, Path]:
     return captions, images
 
 
+def is_data_folder(path) -> bool:
+    """Whether find_layout accepts `path`: for advice when a path inside a data folder was passed for it."""
+    try:
+        find_layout(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def image_files_in(image_dir) -> list[Path]:
-    """The image files of a folder, sorted, by absolute path: what prepare_report.json's fingerprint covers, the same
-    however the folder is named (data/x, ./data/x, /home/.../data/x)."""
+    """The image files of a folder, sorted, by absolute path: what prepare_report.json's fingerprint covers (by their
+    names relative to the folder), the same however the folder is named (data/x, ./data/x, /home/.../data/x)."""
     return sorted(p for p in Path(image_dir).resolve().iterdir() if p.suffix.lower() in IMAGE_EXTS)
 
 
@@ -177,9 +193,17 @@ def parse_csv_rows(lines: list[str], report: ParseReport, source: str) -> list[t
     return rows
 
 
+def plain_name(image: str, image_dir: str) -> str:
+    """A caption row's image as a path to it may spell it: `./x.jpg` or `images/x.jpg` is `x.jpg` in images/."""
+    path = PurePosixPath(image)  # drops the `.` of `./x.jpg`
+    if len(path.parts) == 2 and path.parts[0] == image_dir:
+        return path.name
+    return str(path) if path.parts else image
+
+
 def read_captions(data_dir) -> tuple[list[tuple[int, str, str]], ParseReport]:
     """All usable (line, image name, caption) rows of a data folder's caption file, and what was fixed on the way."""
-    caption_file, _ = find_layout(data_dir)
+    caption_file, image_dir = find_layout(data_dir)
     report = ParseReport()
     raw = caption_file.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw[:4096].count(0) > len(raw[:4096]) // 4:  # every other byte
@@ -189,6 +213,7 @@ def read_captions(data_dir) -> tuple[list[tuple[int, str, str]], ParseReport]:
     parse = parse_pipe_rows if caption_file.name == "results.csv" else parse_csv_rows
     rows, seen = [], {}
     for number, image, caption in parse(lines, report, caption_file.name):
+        image = plain_name(image, image_dir.name)
         if not caption:
             report.dropped_rows.append({"line": number, "reason": "empty caption", "text": image,
                                         "file": caption_file.name})

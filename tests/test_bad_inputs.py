@@ -170,6 +170,17 @@ def test_missing_comma_is_repaired(tmp_path):
     assert rows[1] == (3, "a.jpg", "A cow eats grass") and report.repaired_rows[0]["line"] == 3
 
 
+def test_an_image_spelled_as_a_path_to_it_is_found(tmp_path):
+    """`./a.jpg` and `images/a.jpg` (the image folder's own name) name a.jpg in images/; a real subfolder does not."""
+    folder = caption_folder(tmp_path, "captions.csv", b"image,caption\n./a.jpg,A cat\nimages/b.jpg,A dog\n"
+                            b"sub/c.jpg,A cow\nd.jpg,A hen\ne.jpg,A fox\n", ["a.jpg", "b.jpg", "sub/c.jpg", "d.jpg",
+                                                                              "e.jpg"])
+    assert [image for _, image, _ in read_captions(folder)[0]] == ["a.jpg", "b.jpg", "sub/c.jpg", "d.jpg", "e.jpg"]
+    data = CaptionData(folder, verbose=False)
+    assert sorted(name for split in data.splits.values() for name in split.images) == ["a.jpg", "b.jpg", "d.jpg",
+                                                                                       "e.jpg"]
+
+
 def test_empty_caption_is_dropped_with_its_line(tmp_path):
     folder = caption_folder(tmp_path, "results.csv", HEADER + b"a.jpg| 0| A cat .\na.jpg| 1|   \n")
     rows, report = read_captions(folder)
@@ -249,6 +260,27 @@ def test_images_lying_beside_the_caption_file_are_told_to_move_into_images(tmp_p
     with pytest.raises(FileNotFoundError, match=r"needs a caption file \(one of .*\) and an image folder"):
         CaptionData(tmp_path / "mine")
 
+
+
+def test_a_path_inside_a_data_folder_says_to_pass_the_data_folder(tmp_path):
+    """The image folder was told to move its pictures into images/images, and the caption file or an image was said
+    not to exist ("create it with download.py --out DATA/results.csv"): each now names the data folder to pass."""
+    folder = caption_folder(tmp_path, "results.csv", HEADER + b"0.jpg| 0| a picture\n", images=["0.jpg", "1.jpg"])
+    with pytest.raises(FileNotFoundError) as e:
+        CaptionData(folder / "images")
+    assert str(e.value) == f"{folder / 'images'} is the image folder of the data folder {folder}; pass {folder}"
+    for inside in (folder / "results.csv", folder / "images" / "0.jpg"):
+        with pytest.raises(FileNotFoundError) as e:
+            CaptionData(inside)
+        assert str(e.value) == (f"data folder {inside} is a file, not a folder; pass {folder}, the data folder it "
+                                f"lies in")
+    (tmp_path / "notes.txt").write_text("not a data folder\n")
+    with pytest.raises(FileNotFoundError, match=r"notes.txt is a file, not a folder; pass the folder that holds a "
+                                                r"caption file \(one of \['results.csv'"):
+        CaptionData(tmp_path / "notes.txt")
+    (folder / "results.csv").unlink()  # no longer a data folder: an image folder named `images` is told what it lacks
+    with pytest.raises(FileNotFoundError, match=r"needs a caption file .*; move its 2 image files into"):
+        CaptionData(folder / "images")
 
 # --- split files ---
 
