@@ -270,14 +270,14 @@ def test_captions_of_images_missing_on_disk_never_reach_a_split(tmp_path):
 
 
 def test_captioned_images_missing_on_disk_are_named(tmp_path, capsys):
-    """Training says which names it could not find (a caption file written with `images/` in front of each name, or
-    full paths, finds none), not only how many."""
+    """Training says which names it could not find (a caption file written with full paths finds none), not only
+    how many."""
     rows = "".join(f"{i}.jpg| 0| picture {i}\n" for i in range(30)) + "ghost.jpg| 0| a ghost\n"
     CaptionData(caption_folder(tmp_path / "a", "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)]))
     assert "skipping 1 captioned images missing on disk (e.g. ['ghost.jpg'])" in capsys.readouterr().out
-    rows = "".join(f"images/{i}.jpg| 0| picture {i}\n" for i in range(30))
+    rows = "".join(f"/home/me/photos/{i}.jpg| 0| picture {i}\n" for i in range(30))
     folder = caption_folder(tmp_path / "b", "results.csv", HEADER + rows.encode(), [f"{i}.jpg" for i in range(30)])
-    with pytest.raises(ValueError, match=r"30 naming images that are not in .*, e.g. \['images/0.jpg', "):
+    with pytest.raises(ValueError, match=r"30 naming images that are not in .*, e.g. \['/home/me/photos/0.jpg', "):
         CaptionData(folder)
 
 
