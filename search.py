@@ -432,6 +432,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.text is not None and not args.text.strip():
         p.error("--text is empty; give the words to search for")
+    if args.text is not None and any("\udc80" <= c <= "\udcff" for c in args.text):  # bytes argv could not decode
+        p.error(f"--text {os.fsencode(args.text)!r} is not UTF-8 text (a terminal set to another encoding?); type it "
+                f"in a UTF-8 terminal, or pass the words in a Python string to search.py's main()")
     if args.image and Path(args.image).is_dir():
         p.error(f"--image {args.image} is a folder; name one image file, or search the folder's images with "
                 f"--images {quote(args.image)} --text ...")

@@ -241,6 +241,7 @@ def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
     (["--checkpoint", "{run}"], "one of the arguments --text --image --make-results is required"),
     (["--checkpoint", "{run}", "--text", "x", "--image", "y.jpg"], "not allowed with argument"),
     (["--checkpoint", "{run}", "--text", "  "], "--text is empty"),
+    (["--checkpoint", "{run}", "--text", os.fsdecode(b"caf\xe9")], "--text b'caf\\xe9' is not UTF-8 text"),
     (["--checkpoint", "{run}", "--image", "{tmp}/missing.jpg"], "no such file"),
     (["--checkpoint", "{run}", "--image", "{tmp}/notes.txt"], "notes.txt is not an image this can read"),
     (["--checkpoint", "{run}", "--image", "{tmp}/empty"], "empty is a folder; name one image file, or search"),
