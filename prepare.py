@@ -23,7 +23,7 @@ from shlex import quote
 
 from tqdm import tqdm
 
-from captions import CAPTION_FILES, IMAGE_DIRS, IMAGE_EXTS, find_layout, image_files_in, read_captions
+from captions import CAPTION_FILES, IMAGE_DIRS, IMAGE_EXTS, find_layout, image_files_in, is_data_folder, read_captions
 from dataset import SPLITS, check_splits, read_json_file, split_names
 from images import find_bad_images, fingerprint
 from utils import write_json
@@ -154,11 +154,7 @@ def extract_member(zf: zipfile.ZipFile, name: str, target: Path) -> None:
 
 def is_extracted(out: Path) -> bool:
     """A caption file and an image folder, and no staging folder left by an interrupted extraction."""
-    try:
-        find_layout(out)
-    except FileNotFoundError:
-        return False
-    return not (out / STAGING).exists()
+    return is_data_folder(out) and not (out / STAGING).exists()
 
 
 def extract(zip_path: Path, out: Path, spec: DatasetSpec) -> None:
