@@ -429,12 +429,12 @@ SWEEP = [  # the reference, those not yet measured (BENCHMARKS.md), those measur
     ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1, {}),
     ("1.5x batch", "default", {}, 1.5, {}),
     # the default --batch-size: compare (c)'s compiled row
-    ("CUDA graphs (reduce-overhead), half the batch", "reduce-overhead", {}, 0.5, {}),
+    ("CUDA graphs (reduce-overhead) at half the batch", "reduce-overhead", {}, 0.5, {}),  # no comma: --skip splits
     ("text padded (no packing)", "default", {}, 1, {"pack_text": False}),
     ("frozen batch-norm statistics", "default", {}, 1, {"image_freeze_bn_stats": True}),
     ("CUDA graphs (reduce-overhead)", "reduce-overhead", {}, 1, {}),
     ("1x1 convolutions as matmuls", "default", {"conv_1x1_as_mm": True}, 1, {}),
-    ("max-autotune, no CUDA graphs", "max-autotune-no-cudagraphs", {}, 1, {}),
+    ("max-autotune without CUDA graphs", "max-autotune-no-cudagraphs", {}, 1, {}),
 ]
 
 
@@ -650,7 +650,7 @@ def main(argv=None) -> dict:
         except Exception as e:  # one broken section must not cost the others' numbers
             print(f"[{tag}] FAILED {type(e).__name__}: {e}", flush=True)
             results["rows"][tag] = {"error": f"{type(e).__name__}: {e}"}
-            continue
+            measured = []
         finally:  # compiling included: what a time-limited run (a lent GPU) has to plan for
             seconds = results.setdefault("section_seconds", {})[tag] = round(time.perf_counter() - start, 3)
             print(f"[{tag}] {seconds:.0f} s", flush=True)

@@ -211,3 +211,22 @@ def test_synthetic_text_is_packed_to_a_width_fixed_for_the_run_as_train_py_packs
     width = text["token_index"].shape[1]
     assert width > real + 8  # more than rounding up to a multiple of 8 adds
     assert width <= 64 * 48
+
+
+def test_a_failed_section_is_in_the_json_at_once(tmp_path, monkeypatch):
+    """A time limit may end bench.py after any section: a failed one is saved too, so that a second call (gpu-check's
+    sweep, which skips the sections the first call saved) does not run it again."""
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench, "bench_eval", broken)
+    skip = ("tutorial,open_clip,eager,compile,e2e,pipeline,checkpoint,e2e_candidates,open_clip_compiled,"
+            "tutorial_strict_fp32,eager_padded,e2e_eager")
+    bench.main(["--tiny", "--skip", skip, "--data-root", str(tmp_path / "data"), "--json", str(tmp_path / "b.json")])
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["rows"] == {"eval": {"error": "RuntimeError: out of memory"}} and list(saved["section_seconds"]) == [
+        "eval"]
+
+
+def test_no_sweep_label_holds_the_comma_that_separates_skip():
+    assert not [label for label, *_ in bench.SWEEP if "," in label]
