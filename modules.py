@@ -2,6 +2,7 @@
 
 import copy
 import difflib
+from pathlib import Path
 
 import timm
 import torch
@@ -15,6 +16,18 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_
 
 from packing import packed_forward
 from utils import hub_error, model_type_of
+
+
+def hub_repos(image_model: str, image_pretrained: bool, text_model: str, text_pretrained: bool,
+              tokenizer: str) -> list[str]:
+    """The Hugging Face Hub repositories a run loads from (weights, tokenizer), for one message naming them all:
+    a model that cannot load names only itself."""
+    repos = [getattr(timm.models.get_pretrained_cfg(image_model), "hf_hub_id", "") or image_model] \
+        if image_pretrained and timm.is_model(image_model) else []
+    for name in ([text_model] if text_pretrained else []) + ([tokenizer or text_model] if tokenizer != "local" else []):
+        if not Path(name).is_dir() and name not in repos:  # a local folder needs no download
+            repos.append(name)
+    return repos
 
 
 class ImageEncoder(nn.Module):

@@ -28,6 +28,7 @@ from distributed import Dist, barrier, broadcast_object, cleanup, gather_objects
 from engine import compile_model, global_mean, lr_factor, make_optimizer, train_step
 from evaluate import evaluate, format_table
 from images import Pixels
+from modules import hub_repos
 from plots import plot_curves
 from runs import drop_rows_after, find_run_dir, interrupted, prepare_run_dir, resolve_config
 from tokenizer import load_tokenizer
@@ -146,6 +147,9 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         seed_everything(cfg.seed + d.rank)
         data, tokenizer, raw, pixels, optimizer, scaler, batches, state = build(cfg, d, device, dtype, run_dir)
     except (ValueError, FileNotFoundError, HubError) as e:
+        repos = hub_repos(cfg.image_model, cfg.image_pretrained, cfg.text_model, cfg.text_pretrained, cfg.tokenizer)
+        if isinstance(e, HubError) and len(repos) > 1:  # fetch them all at once, not one per failed start
+            e = f"{e}\n  - all that this run loads from the Hub: " + "; ".join(f"hf download {r}" for r in repos)
         raise SystemExit(f"train.py: error: {e}") from None
     fast_cuda_kernels(device)
     prepare_run_dir(run_dir, cfg, d)

@@ -221,4 +221,6 @@ def hub_error(name: str, what: str, flag_hint: str, cause: Exception, repo: str 
         f"      hf download {repo or name}\n"
         f"    and copy that cache to this machine{local};\n"
         f"  - or train without it: {flag_hint}\n"
-        f"  - or without any download at all (random initialisation): {OFFLINE_FLAGS}")
+        f"  - or without any download at all (random initialisation): {OFFLINE_FLAGS}"
+        + ("" if offline else "\n  - offline? set HF_HUB_OFFLINE=1, and this comes at once, not after a minute of "
+           "retries"))

@@ -5,8 +5,9 @@ import time
 import pytest
 
 import train
-from modules import ImageEncoder, build_text_config
+from modules import ImageEncoder, build_text_config, hub_repos
 from tokenizer import load_tokenizer
+from utils import hub_error
 
 
 def test_pretrained_image_weights_offline_name_the_repo_and_the_way_out():
@@ -52,3 +53,21 @@ def test_default_recipe_stops_before_training(tiny_shapes_dir, tmp_path):
                        "--no-text-pretrained --text-model distilbert --tokenizer local"):
         train.main(["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"), "--device", "cpu"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_start_names_everything_the_run_loads_from_the_hub(tiny_shapes_dir, tmp_path):
+    """The tokenizer fails first; its message also names the image weights, so one trip to a machine with internet
+    fetches both. A tower trained from scratch or a tokenizer of the captions needs nothing."""
+    with pytest.raises(SystemExit, match="all that this run loads from the Hub: hf download timm/resnet50.a1_in1k; "
+                                         "hf download distilbert-base-uncased$"):
+        train.main(["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "run"), "--device", "cpu"])
+    assert hub_repos("resnet50", False, "distilbert-base-uncased", False, "local") == []
+    assert hub_repos("resnet50", True, "bert-base-uncased", False, "local") == ["timm/resnet50.a1_in1k"]
+    assert hub_repos("resnet50", False, str(tmp_path), True, "") == []  # a local folder
+
+
+def test_offline_hub_errors_say_how_to_fail_fast_where_the_variable_is_unset(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # only the message is built here: nothing reaches for the Hub
+    assert "set HF_HUB_OFFLINE=1, and this comes at once" in str(hub_error("x", "text model", "", OSError()))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "set HF_HUB_OFFLINE=1" not in str(hub_error("x", "text model", "", OSError()))
