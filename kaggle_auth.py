@@ -48,8 +48,8 @@ def half_set() -> str:
     return f" ({given[0]} is set, but {missing} is not: they work only as a pair)"
 
 
-def no_credentials_message(repo_dir) -> str:
-    return (f"no Kaggle credentials found{half_set()}, and no terminal to ask for them. Any one of these works "
+def no_credentials_message(repo_dir, why: str = "no terminal to ask for them") -> str:
+    return (f"no Kaggle credentials found{half_set()}, and {why}. Any one of these works "
             f"(create a key at {API_PAGE}, \"Create New Token\"):\n"
             f"  - python download.py --kaggle-json PATH/TO/kaggle.json\n"
             f"  - put kaggle.json in the repo folder {repo_dir}\n"
@@ -85,12 +85,16 @@ def read_kaggle_json(path: Path, source: str) -> Credentials:
     return Credentials(source, username, key)
 
 
-def ask_credentials(ask, ask_secret) -> Credentials:
+def ask_credentials(ask, ask_secret, repo_dir: Path) -> Credentials:
     """Username and key from the person at the terminal; the key is read without echo. Offers to save them."""
     print(f"No Kaggle credentials found{half_set()}. Create an API key at {API_PAGE} (\"Create New Token\"), "
           f"then enter it here.")
-    username = ask("Kaggle username: ").strip()
-    key = ask_secret("Kaggle key (hidden): ").strip()
+    try:
+        username = ask("Kaggle username: ").strip()
+        key = ask_secret("Kaggle key (hidden): ").strip()
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at a prompt: the other ways in, not a traceback
+        print()
+        raise CredentialsError(no_credentials_message(repo_dir, "none typed")) from None
     if not username or not key:
         raise CredentialsError("a Kaggle username and key are both needed")
     target = config_dirs()[0] / "kaggle.json"
@@ -139,7 +143,7 @@ def resolve_credentials(kaggle_json=None, repo_dir=None, interactive: bool | Non
         if path.is_file() and path.read_text().strip():
             return Credentials(f"the API token in {path}", token=path.read_text().strip())
     if sys.stdin.isatty() if interactive is None else interactive:
-        return ask_credentials(ask, ask_secret)
+        return ask_credentials(ask, ask_secret, repo_dir)
     raise CredentialsError(no_credentials_message(repo_dir))
 
 

@@ -215,6 +215,18 @@ def test_typed_credentials_need_both_halves(username, key):
         resolve_credentials(interactive=True, ask=lambda prompt: next(answers), ask_secret=lambda p: key)
 
 
+@pytest.mark.parametrize("at_key", [False, True])
+@pytest.mark.parametrize("pressed", [EOFError, KeyboardInterrupt])  # Ctrl-D, Ctrl-C
+def test_leaving_a_prompt_lists_the_other_ways_not_a_traceback(pressed, at_key):
+    def stop(prompt):
+        raise pressed
+
+    ask, ask_secret = (lambda prompt: "alice", stop) if at_key else (stop, lambda prompt: KEY)
+    with pytest.raises(CredentialsError, match=r"no Kaggle credentials found, and none typed\. Any one of these "
+                                               r"works(.|\n)*--kaggle-json"):
+        resolve_credentials(interactive=True, ask=ask, ask_secret=ask_secret)
+
+
 def test_saving_over_a_readable_kaggle_json_leaves_it_0600(tmp_path):
     """An existing file keeps its mode through open(O_CREAT), so the key must not land in a file others can read."""
     path = tmp_path / "home" / ".kaggle" / "kaggle.json"
