@@ -37,14 +37,14 @@ def find_layout(data_dir) -> tuple[Path, Path]:
         where = (f"pass {home}, the data folder it lies in" if home else f"pass the folder that holds a caption "
                  f"file (one of {CAPTION_FILES}) and an image folder (one of {IMAGE_DIRS})")
         raise FileNotFoundError(f"data folder {root} is a file, not a folder; {where}")
+    # the built-in set goes to a folder of its own, with the preset made for it (not the pretrained recipe)
+    ways = (f"`python download.py --out {quote(str(root))}` downloads Flickr30k into it (Kaggle credentials: see the "
+            f"README); or try the built-in set first: `python download.py --dataset shapes --out data/shapes`, then "
+            f"train with `--preset shapes --data-dir data/shapes`")
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist; create it with `python download.py` "
-                                f"(Flickr30k) or `python download.py --dataset shapes --out {quote(str(root))}` "
-                                f"(built-in set)")
+        raise FileNotFoundError(f"data folder {root} does not exist; {ways}")
     if not any(root.iterdir()):
-        raise FileNotFoundError(f"data folder {root} is empty (a download that did not finish?); fill it with "
-                                f"`python download.py --out {quote(str(root))}` (Flickr30k) or `python download.py "
-                                f"--dataset shapes --out {quote(str(root))}` (built-in set)")
+        raise FileNotFoundError(f"data folder {root} is empty (a download that did not finish?); {ways}")
     captions = next((root / n for n in CAPTION_FILES if (root / n).is_file()), None)
     images = next((root / n for n in IMAGE_DIRS if (root / n).is_dir()), None)
     if captions is None and images is not None and any((images / n).is_file() for n in CAPTION_FILES):

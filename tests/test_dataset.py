@@ -287,8 +287,12 @@ def test_commands_suggested_for_a_folder_with_a_space_in_its_path_can_be_pasted(
                             [f"{i}.jpg" for i in range(30)])
     CaptionData(folder)
     assert f"`python download.py --prepare '{folder}'`" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match=f"`python download.py --dataset shapes --out '{tmp_path}/no such'`"):
+    with pytest.raises(FileNotFoundError, match=f"`python download.py --out '{tmp_path}/no such'` downloads "):
         CaptionData(tmp_path / "no such")
+    (tmp_path / "empty").mkdir()  # the built-in set is offered in a folder of its own, with its own preset
+    with pytest.raises(FileNotFoundError, match=r"is empty .*`python download.py --dataset shapes --out data/shapes`, "
+                                                r"then train with `--preset shapes --data-dir data/shapes`"):
+        CaptionData(tmp_path / "empty")
 
 
 def test_tokenize_pads_every_split_to_max_length_so_fixed_length_batches_have_it(tmp_path):
