@@ -55,8 +55,10 @@ def locate(path) -> Path:
     if path.is_symlink() and not path.exists():  # `cp -r RUN/best elsewhere` copies the link, not the folder
         raise FileNotFoundError(f"{path} is a link to {os.readlink(path)}, which is not there: a copy of RUN/best or "
                                 f"RUN/last copies only the link unless it follows links (`cp -rL`)")
-    if not path.exists():  # a typo, or a run folder named from another working directory
-        raise FileNotFoundError(f"{path} does not exist; pass a run's `best` or `last` folder, e.g. runs/shapes/best")
+    if not path.exists():  # a typo, or a run folder named from another working directory, or no run yet
+        runs = sorted(str(p) for p in Path("runs").glob("*/best") if p.exists())[:5]
+        found = f"runs here: {runs}" if runs else "no run has been trained here yet (`make demo` trains runs/shapes)"
+        raise FileNotFoundError(f"{path} does not exist; pass a run's `best` or `last` folder ({found})")
     raise FileNotFoundError(f"{path} is not a checkpoint (no checkpoint.json); pass a run's `best` or `last` folder, "
                             f"e.g. runs/shapes/best")
 

@@ -126,8 +126,8 @@ def find_run_dir(cfg: Config, d: Dist) -> Path:
         if cfg.resume:
             done = read_info(run_dir / "last")["state"]["epoch"]
             if done >= cfg.epochs:  # said before the data and the model load
-                raise ValueError(f"--resume: {run_dir} has trained {done} epochs, and --epochs is {cfg.epochs}: to "
-                                 f"train on, give more, e.g. --epochs {done + cfg.epochs}")
+                raise ValueError(f"--resume: {run_dir} has trained {done} epoch{'s' * (done != 1)}, and --epochs is "
+                                 f"{cfg.epochs}: to train on, give more, e.g. --epochs {done + cfg.epochs}")
             check_mid_epoch_resume(run_dir, cfg, d.world)
         if has_run and not cfg.resume and not cfg.overwrite:
             raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it "

@@ -9,7 +9,7 @@ What is searched: the test split (--split) of the checkpoint's data folder (--da
 --images, any folder of your own images (any size, subfolders included). It is embedded once, in batches, into an index
 stored inside the checkpoint folder (index-<hash>.safetensors: the embeddings, with JSON metadata naming the
 checkpoint, the files and the captions) and reused until the checkpoint, an image (name, size, modification time) or
-a caption changes. A checkpoint keeps its KEEP_INDEXES most recently used indexes and removes older ones, saying so.
+a caption changes. A checkpoint keeps its 4 most recently used indexes (KEEP_INDEXES) and removes older ones, saying so.
 Scores are cosine similarities of unit embeddings, the quantity training and evaluation rank by.
 """
 

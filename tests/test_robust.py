@@ -399,7 +399,7 @@ def test_a_run_resumed_with_other_steps_per_epoch_goes_on_from_the_same_point_of
     args = TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--warmup-frac", "0"]
     train.main(args + ["--epochs", "1", "--batch-size", "16"])  # 180 training images: 12 steps
     with monkeypatch.context() as m, \
-            pytest.raises(SystemExit, match=r"has trained 1 epochs, and --epochs is 1: .* e\.g\. --epochs 2"):
+            pytest.raises(SystemExit, match=r"has trained 1 epoch, and --epochs is 1: .* e\.g\. --epochs 2"):
         m.setattr(train, "build", lambda *args: pytest.fail("loaded the data and the model first"))
         train.main(["--run-dir", str(run), "--resume"])  # nothing left to train: said at once, not skipped
     train.main(["--run-dir", str(run), "--resume", "--epochs", "2", "--batch-size", "64"])  # 3 steps per epoch now

@@ -496,3 +496,13 @@ def test_a_checkpoint_copied_without_its_tokenizer_says_what_is_missing(run, tmp
     (copy / "tokenizer").mkdir()  # there, but empty
     with pytest.raises(ValueError, match=f"{copy / 'tokenizer'} is damaged"):
         checkpoint.read_tokenizer(copy)
+
+
+def test_a_checkpoint_that_is_not_there_names_the_runs_there_are(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"runs/shapes/best does not exist; .*no run has been trained here yet "
+                                                r"\(`make demo` trains runs/shapes\)"):
+        checkpoint.locate("runs/shapes/best")
+    (tmp_path / "runs" / "mine" / "best").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"runs here: \['runs/mine/best'\]"):
+        checkpoint.locate("runs/shapes/best")
