@@ -46,9 +46,11 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
     out = Path(out)
     recipe = {"num_images": args.num_images, "image_size": f"{width}x{height}", "seed": args.seed}
     if (out / "results.csv").exists() and (out / SHAPES_RECIPE).exists():
-        if json.loads((out / SHAPES_RECIPE).read_text()) == recipe:
+        drawn = json.loads((out / SHAPES_RECIPE).read_text())
+        if drawn == recipe:
             print(f"{out} already holds this set ({args.num_images} images of {width}x{height}, seed {args.seed})")
             return
+        print(f"note: {out} holds another shapes set ({drawn}); drawing this one ({recipe}) in its place")
     if out.exists():
         strangers = sorted(f.name for f in out.iterdir() if f.name not in SHAPES_FOLDER)
         if strangers:

@@ -556,6 +556,7 @@ def test_shapes_are_drawn_once_per_request_and_redrawn_clean_for_another(tmp_pat
     assert "already holds this set" in capsys.readouterr().out and (out / "results.csv").stat().st_mtime_ns == stamp
     assert download.main(args + ["--num-images", "25"]) == 0  # another set: no image of the old one stays behind
     assert len(list((out / "images").iterdir())) == 25 and len(CaptionData(out, verbose=False).names) == 25
+    assert f"note: {out} holds another shapes set ({{'num_images': 30, " in capsys.readouterr().out  # and says so
     captions = (out / "results.csv").read_text()
     assert download.main(args + ["--num-images", "25", "--seed", "1"]) == 0
     assert (out / "results.csv").read_text() != captions  # another seed, another set
