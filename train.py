@@ -147,8 +147,9 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         seed_everything(cfg.seed + d.rank)
         data, tokenizer, raw, pixels, optimizer, scaler, batches, state = build(cfg, d, device, dtype, run_dir)
     except (ValueError, FileNotFoundError, HubError) as e:
-        repos = hub_repos(cfg.image_model, cfg.image_pretrained, cfg.text_model, cfg.text_pretrained, cfg.tokenizer)
-        if isinstance(e, HubError) and len(repos) > 1:  # fetch them all at once, not one per failed start
+        repos = hub_repos(cfg.image_model, cfg.image_pretrained, cfg.text_model, cfg.text_pretrained,
+                          cfg.tokenizer) if isinstance(e, HubError) else []
+        if len(repos) > 1:  # one trip to a machine with internet fetches them all, not one per failed start
             e = f"{e}\n  - all that this run loads from the Hub: " + "; ".join(f"hf download {r}" for r in repos)
         raise SystemExit(f"train.py: error: {e}") from None
     fast_cuda_kernels(device)
