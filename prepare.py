@@ -26,7 +26,7 @@ from tqdm import tqdm
 from captions import CAPTION_FILES, IMAGE_DIRS, IMAGE_EXTS, find_layout, image_files_in, is_data_folder, read_captions
 from dataset import SPLITS, check_splits, read_json_file, split_names
 from images import find_bad_images, fingerprint
-from utils import write_json
+from utils import not_utf8, write_json
 
 REPORT = "prepare_report.json"
 STAGING = ".extracting"
@@ -337,11 +337,6 @@ def count_mismatches(spec: DatasetSpec | None, image_files: int, caption_rows: i
             f"your own, not {spec.name}, `python download.py --prepare {quote(str(data_dir))}` (no --dataset) checks "
             f"no counts"
             for what, (got, want) in found.items() if got != want]
-
-
-def not_utf8(name: str) -> bool:
-    """Whether a file name on disk is not UTF-8: Python keeps its stray bytes as surrogates U+DC80..U+DCFF."""
-    return any("\udc80" <= c <= "\udcff" for c in name)
 
 
 def spelling(name: str) -> str:

@@ -37,7 +37,7 @@ from dataset import CaptionData
 from evaluate import embed_images, embed_texts, warn_if_seen
 from images import Pixels, check_image, fingerprint, full_boxes, to_square
 from plots import curves_figure, image_to_text_figure, read_metrics, save_figure, text_to_image_figure
-from utils import REPO_DIR, autocast, checkpoint_data_dir, inference_precision, pick_device
+from utils import REPO_DIR, autocast, checkpoint_data_dir, inference_precision, not_utf8, pick_device
 
 INDEX_VERSION = 1  # bump when the index layout changes: older files are then rebuilt
 STALE_TMP_SECONDS = 3600  # a temporary index file older than this was left by a killed search
@@ -432,7 +432,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.text is not None and not args.text.strip():
         p.error("--text is empty; give the words to search for")
-    if args.text is not None and any("\udc80" <= c <= "\udcff" for c in args.text):  # bytes argv could not decode
+    if args.text is not None and not_utf8(args.text):  # bytes that argv could not decode
         p.error(f"--text {os.fsencode(args.text)!r} is not UTF-8 text (a terminal set to another encoding?); type it "
                 f"in a UTF-8 terminal, or pass the words in a Python string to search.py's main()")
     if args.image and Path(args.image).is_dir():

@@ -159,6 +159,12 @@ def read_jsonl(path) -> list[dict]:
     return rows
 
 
+def not_utf8(text: str) -> bool:
+    """Whether a file name on disk (or a command-line argument) was not UTF-8: Python keeps its stray bytes as
+    surrogates U+DC80..U+DCFF."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5)
