@@ -26,7 +26,7 @@ from tqdm import tqdm
 from kaggle_auth import CredentialsError, kaggle_api, resolve_credentials
 from prepare import DATASETS, PrepareError, fetch, prepare, read_split_file
 from shapes import make_shapes
-from utils import write_json
+from utils import path_arg, too_many_workers, write_json
 
 
 SHAPES_RECIPE = "shapes.json"  # how a shapes folder was drawn: the same request again has nothing to do
@@ -39,8 +39,9 @@ def make_shapes_set(p: argparse.ArgumentParser, args, out: str) -> None:
         width, height = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
         p.error(f"--image-size must look like 128x128, got {args.image_size!r}")
-    if min(width, height) < 16:
-        p.error(f"--image-size {args.image_size}: the shapes need at least 16x16 pixels")
+    if min(width, height) < 16 or max(width, height) > 4096:
+        p.error(f"--image-size {args.image_size}: the shapes are drawn at 16 to 4096 pixels a side (Flickr's photos "
+                f"are 500x375)")
     if args.num_images < 20:
         p.error(f"--num-images must be at least 20 (a train, val and test split), got {args.num_images}")
     out = Path(out)
@@ -77,14 +78,17 @@ def main(argv=None, connect=kaggle_api) -> int:
     p.add_argument("--dataset", choices=[*DATASETS, "shapes"],
                    help="what to get (default flickr30k; with --prepare, the data set whose image and caption "
                         "counts the folder is checked against: a plain --prepare checks none)")
-    p.add_argument("--out", help="target folder (default: data/<dataset>)")
-    p.add_argument("--zip", help="prepare from this zip, downloaded by hand from the Kaggle page (kept)")
-    p.add_argument("--prepare", metavar="DIR", help="only verify DIR (a folder in our format) and rewrite its report")
-    p.add_argument("--split-file", help="Karpathy's dataset_flickr30k.json, or flickr30k_train_karpathy.txt "
-                                        "(with its val/test lists beside it), or a splits.json; default: 5%% (at most "
-                                        "1,000) of the images each for val and test, chosen by a hash of each file "
-                                        "name (see README)")
-    p.add_argument("--kaggle-json", help="Kaggle credentials file (else: see kaggle_auth.py for where we look)")
+    p.add_argument("--out", type=path_arg, help="target folder (default: data/<dataset>)")
+    p.add_argument("--zip", type=path_arg,
+                   help="prepare from this zip, downloaded by hand from the Kaggle page (kept)")
+    p.add_argument("--prepare", type=path_arg, metavar="DIR",
+                   help="only verify DIR (a folder in our format) and rewrite its report")
+    p.add_argument("--split-file", type=path_arg,
+                   help="Karpathy's dataset_flickr30k.json, or flickr30k_train_karpathy.txt (with its val/test lists "
+                        "beside it), or a splits.json; default: 5%% (at most 1,000) of the images each for val and "
+                        "test, chosen by a hash of each file name (see README)")
+    p.add_argument("--kaggle-json", type=path_arg,
+                   help="Kaggle credentials file (else: see kaggle_auth.py for where we look)")
     p.add_argument("--keep-zip", action="store_true", help="keep the downloaded zip after extracting it")
     p.add_argument("--workers", type=int, default=0, help="processes that verify images (default: one per CPU)")
     p.add_argument("--num-images", type=int, help="shapes: how many pictures (default 6000)")
@@ -101,6 +105,8 @@ def main(argv=None, connect=kaggle_api) -> int:
     args.image_size, args.seed = args.image_size or "128x128", args.seed or 0
     if args.workers < 0:
         p.error(f"--workers must not be negative, got {args.workers}")
+    if why := too_many_workers(args.workers, "--workers"):
+        p.error(why)
     if args.prepare and (args.zip or args.out):
         p.error("--prepare DIR works on DIR as it is; it takes no --zip or --out")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():

@@ -21,8 +21,8 @@ from clip import clip_loss
 from dataset import (RUN_SPLITS, CaptionData, EvalImages, Split, batch_loader, legacy_train_names, on_device,
                      read_json_file, text_batch, trained_images)
 from images import Pixels
-from utils import (autocast, checkpoint_data_dir, fast_cuda_kernels, inference_precision, pick_device,
-                   trained_data_dir, write_json)
+from utils import (autocast, checkpoint_data_dir, fast_cuda_kernels, inference_precision, path_arg, pick_device,
+                   too_many_workers, trained_data_dir, write_json)
 
 KS = (1, 5, 10)
 
@@ -171,9 +171,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Image<->text retrieval recall of a checkpoint on a data split.",
                                 allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/best, RUN/last) or a run folder")
-    p.add_argument("--data-dir", help="data folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", type=path_arg, help="data folder (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to score")
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--json", type=path_arg, help="also write the metrics to this JSON file")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), or a device: cpu, cuda:1")
     p.add_argument("--batch-size", type=int, default=512, help="images or captions embedded at once")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (0: in this one)")
@@ -183,6 +183,8 @@ def main(argv=None) -> dict:
     if args.batch_size < 1 or args.num_workers < 0:
         p.error(f"--batch-size must be at least 1 and --num-workers at least 0, got {args.batch_size} and "
                 f"{args.num_workers}")
+    if why := too_many_workers(args.num_workers):
+        p.error(why)
     if args.json and Path(args.json).is_dir():
         p.error(f"--json {args.json} is a folder; name the file to write, e.g. {Path(args.json) / 'test.json'}")
     try:

@@ -84,6 +84,8 @@ def curves_figure(rows: list[dict]) -> Figure:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
         ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(set(epochs)) == 1:  # one point: matplotlib would spread ticks of fractional epochs around it
+            ax.set_xticks(epochs[:1])
     fig.tight_layout()
     return fig
 

@@ -6,11 +6,12 @@
     python search.py --checkpoint runs/shapes/best --data-dir data/shapes --make-results results
 
 What is searched: the test split (--split) of the checkpoint's data folder (--data-dir), images and captions; or, with
---images, any folder of your own images (any size, subfolders included). It is embedded once, in batches, into an index
-stored inside the checkpoint folder (index-<hash>.safetensors: the embeddings, with JSON metadata naming the
-checkpoint, the files and the captions) and reused until the checkpoint, an image (name, size, modification time) or
-a caption changes. A checkpoint keeps its 4 most recently used indexes (KEEP_INDEXES) and removes older ones, saying so.
-Scores are cosine similarities of unit embeddings, the quantity training and evaluation rank by.
+--images, any folder of your own images (any size, subfolders and linked folders included). It is embedded once, in
+batches, into an index stored inside the checkpoint folder (index-<hash>.safetensors: the embeddings, with JSON
+metadata naming the checkpoint, the files and the captions) and reused until the checkpoint, an image (name, size,
+modification time) or a caption changes. A checkpoint keeps its 4 most recently used indexes (KEEP_INDEXES) and
+removes older ones, saying so. Scores are cosine similarities of unit embeddings, the quantity training and
+evaluation rank by.
 """
 
 import argparse
@@ -29,15 +30,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from captions import IMAGE_EXTS, image_files_in, is_data_folder
 from checkpoint import load_model, resolve, run_dir_of
 from clip import CLIPModel
 from config import Config
-from captions import IMAGE_EXTS
 from dataset import CaptionData
 from evaluate import embed_images, embed_texts, warn_if_seen
 from images import Pixels, check_image, fingerprint, full_boxes, to_square
 from plots import curves_figure, image_to_text_figure, read_metrics, save_figure, text_to_image_figure
-from utils import REPO_DIR, autocast, checkpoint_data_dir, inference_precision, not_utf8, pick_device
+from utils import REPO_DIR, autocast, checkpoint_data_dir, inference_precision, not_utf8, path_arg, pick_device
 
 INDEX_VERSION = 1  # bump when the index layout changes: older files are then rebuilt
 STALE_TMP_SECONDS = 3600  # a temporary index file older than this was left by a killed search
@@ -216,12 +217,22 @@ def dataset_index(s: Searcher, data_dir=None, split: str = "test", verbose: bool
 
 
 def list_images(folder) -> list[str]:
-    """Image files in a folder and its subfolders (hidden ones skipped), sorted, as absolute paths."""
+    """Image files in a folder and its subfolders, linked ones too (an external disk, a synced folder), hidden ones
+    skipped, sorted, as absolute paths; a file reached twice through links counts once."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
-    files = sorted({p.resolve() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts)})  # a set: links once
+    files, seen = set(), set()
+    for top, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree, or a second link to a folder already walked
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files |= {Path(top, n).resolve() for n in names if not n.startswith(".")
+                  and Path(n).suffix.lower() in IMAGE_EXTS and Path(top, n).is_file()}
+    files = sorted(files)
     if not files:
         raise ValueError(f"{root} holds no image files (looked for {', '.join(sorted(IMAGE_EXTS))}, subfolders too)")
     return [str(p) for p in files]
@@ -305,11 +316,15 @@ def top_k(query: torch.Tensor, emb: torch.Tensor, k: int) -> list[tuple[int, flo
 
 
 def unknown_words(s: Searcher, text: str) -> None:
-    """Warn about the words of a query the tokenizer reads as [UNK] (an emoji, a script its vocabulary lacks): the
-    model sees a placeholder there, and a query of nothing else embeds like a blank one."""
+    """Refuse a query with no words at all (spaces, invisible characters), which would rank as a blank one; warn
+    about the words the tokenizer reads as [UNK] (an emoji, a script its vocabulary lacks): the model sees a
+    placeholder there, and a query of nothing else embeds like a blank one."""
     unk = s.tokenizer.unk_token_id
     enc = s.tokenizer(text, truncation=True, max_length=s.cfg.max_length, return_offsets_mapping=s.tokenizer.is_fast)
     words = [i for i in enc["input_ids"] if i not in s.tokenizer.all_special_ids or i == unk]
+    if not words:
+        raise ValueError(f"the query {text!r} holds no words the tokenizer reads (only spaces or invisible "
+                         f"characters); type what to search for")
     spans = [span for i, span in zip(enc["input_ids"], enc.get("offset_mapping", [])) if i == unk]
     unknown = list(dict.fromkeys(text[a:b] for a, b in spans if b > a))
     if words and all(i == unk for i in words):
@@ -416,17 +431,19 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/best, RUN/last) or a run folder")
-    p.add_argument("--data-dir", help="data folder whose --split is searched (default: the checkpoint's own)")
+    p.add_argument("--data-dir", type=path_arg,
+                   help="data folder whose --split is searched (default: the checkpoint's own)")
     p.add_argument("--split", choices=["train", "val", "test"], help="the split searched (default test)")
-    p.add_argument("--images", metavar="FOLDER", help="search this folder of your own images instead (with --text)")
+    p.add_argument("--images", type=path_arg, metavar="FOLDER",
+                   help="search this folder of your own images instead (with --text)")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="rank the images by how well they match this text")
-    query.add_argument("--image", metavar="FILE", help="rank the data split's captions for this image")
-    query.add_argument("--make-results", metavar="DIR", help="write the README's pictures into DIR: "
+    query.add_argument("--image", type=path_arg, metavar="FILE", help="rank the data split's captions for this image")
+    query.add_argument("--make-results", type=path_arg, metavar="DIR", help="write the README's pictures into DIR: "
                        "text2image_{1,2,3}.jpg, image2text_{1,2,3}.jpg and the run's curves.png")
     p.add_argument("--k", type=int, help=f"how many results (default {TEXT_K} images for --text, {IMAGE_K} captions "
                    f"for --image)")
-    p.add_argument("--out", help="also draw the results into this picture (.jpg, .jpeg or .png)")
+    p.add_argument("--out", type=path_arg, help="also draw the results into this picture (.jpg, .jpeg or .png)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), or a device: cpu, cuda:1")
     p.add_argument("--batch-size", type=int, default=256, help="images or captions embedded at a time")
     args = p.parse_args(argv)
@@ -484,6 +501,10 @@ def main(argv=None):
             print_hits(f"image -> text: {args.image} against the captions of {index.source}", hits)
             figure = image_to_text_figure(args.image, hits) if args.out else None
     except (FileNotFoundError, ValueError) as e:
+        if args.data_dir and Path(args.data_dir).is_dir() and not is_data_folder(args.data_dir) \
+                and image_files_in(args.data_dir):  # pictures with no caption file
+            p.error(f"{e}\n(to search a folder of pictures without captions: --images {quote(args.data_dir)} "
+                    f"--text ...)")
         p.error(str(e))
     if figure is not None:
         try:

@@ -1,5 +1,6 @@
 """Ground-floor helpers: seeding, device and precision, atomic file writes, run provenance, JSON-lines logs."""
 
+import argparse
 import contextlib
 import json
 import os
@@ -163,6 +164,23 @@ def not_utf8(text: str) -> bool:
     """Whether a file name on disk (or a command-line argument) was not UTF-8: Python keeps its stray bytes as
     surrogates U+DC80..U+DCFF."""
     return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def path_arg(value: str) -> str:
+    """argparse type of a path flag: an empty value (an unset shell variable, `--out "$DIR"`) is refused, not read as
+    the flag left out, which could mean a default folder or a 4 GB download."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?): give a path, or leave the flag out")
+    return value
+
+
+def too_many_workers(n: int, name: str = "--num-workers") -> str | None:
+    """Why n worker processes is too many for this machine (each costs seconds to start and memory), or None."""
+    cpus = os.cpu_count() or 1
+    if n > 4 * cpus:
+        return f"{name} {n} is far more than this machine's {cpus} CPUs; use at most {4 * cpus} (4 per CPU); " \
+               f"about {cpus} is usually enough"
+    return None
 
 
 def git_sha() -> str:

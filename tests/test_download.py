@@ -533,11 +533,13 @@ def test_kaggle_json_may_name_the_folder_that_holds_it(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--image-size", "128"], "--image-size must look like 128x128"),
-    (["--image-size", "0x0"], "need at least 16x16 pixels"),
-    (["--image-size=-5x10"], "need at least 16x16 pixels"),
-    (["--image-size", "200x8"], "need at least 16x16 pixels"),  # each side
+    (["--image-size", "0x0"], "drawn at 16 to 4096 pixels a side"),
+    (["--image-size=-5x10"], "drawn at 16 to 4096 pixels a side"),
+    (["--image-size", "200x8"], "drawn at 16 to 4096 pixels a side"),  # each side
+    (["--image-size", "16x100000"], "drawn at 16 to 4096 pixels a side"),  # PIL fails on it mid-draw
     (["--num-images", "5"], "--num-images must be at least 20"),
     (["--workers", "-1"], "--workers must not be negative"),
+    (["--workers", "100000"], "--workers 100000 is far more than this machine's"),  # each starts in seconds
     (["--prepare", "data/mine"], "--prepare DIR works on DIR as it is; it takes no --zip or --out"),
 ])
 def test_bad_flags_are_refused_before_drawing(argv, message, tmp_path, capsys):
@@ -545,6 +547,18 @@ def test_bad_flags_are_refused_before_drawing(argv, message, tmp_path, capsys):
         download.main(["--dataset", "shapes", "--out", str(tmp_path / "shapes"), *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "shapes").exists()
+
+
+@pytest.mark.parametrize("flag", ["--prepare", "--out", "--zip", "--split-file", "--kaggle-json"])
+def test_an_empty_path_is_refused_not_read_as_the_flag_left_out(flag, tmp_path, monkeypatch, capsys):
+    """`--prepare "$DIR"` with DIR unset must not fall through to downloading 4 GB, nor `--out ''` draw into the
+    default folder."""
+    monkeypatch.chdir(tmp_path)
+    connect = []
+    with pytest.raises(SystemExit) as e:
+        download.main([flag, ""], connect=connect.append)
+    assert e.value.code == 2 and f"argument {flag}: is empty (an unset shell variable?)" in capsys.readouterr().err
+    assert connect == [] and list(tmp_path.iterdir()) == []
 
 
 def test_shapes_are_drawn_once_per_request_and_redrawn_clean_for_another(tmp_path, capsys):

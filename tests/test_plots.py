@@ -50,6 +50,15 @@ def test_curves_png_from_one_epoch_and_a_half_written_line(tmp_path):
         assert img.format == "PNG" and img.width > 500
 
 
+def test_one_epoch_is_one_tick_not_fractions_of_epochs(tmp_path):
+    """curves.png as training redraws it after its first epoch: matplotlib spreads ticks of 0.96 ... 1.04 around a
+    single point."""
+    for ax in plots.curves_figure([epoch(1)]).axes:
+        assert list(ax.get_xticks()) == [1]
+    ticks = plots.curves_figure([epoch(1), epoch(2), epoch(3)]).axes[0].get_xticks()
+    assert all(t == int(t) for t in ticks) and {1, 2, 3} <= set(ticks)
+
+
 def test_plot_curves_never_raises(tmp_path, capsys):
     assert plots.plot_curves(tmp_path / "no-such-run") is None  # no metrics yet
     assert "could not draw" in capsys.readouterr().out

@@ -241,6 +241,12 @@ def test_make_results_writes_the_readme_pictures(run, shapes_dir, tmp_path):
     (["--checkpoint", "{run}"], "one of the arguments --text --image --make-results is required"),
     (["--checkpoint", "{run}", "--text", "x", "--image", "y.jpg"], "not allowed with argument"),
     (["--checkpoint", "{run}", "--text", "  "], "--text is empty"),
+    (["--checkpoint", "{run}", "--text", "\u200b"], "the query '\\u200b' holds no words the tokenizer reads"),
+    (["--checkpoint", "{run}", "--text", "x", "--out", ""], "argument --out: is empty (an unset shell variable?)"),
+    (["--checkpoint", "{run}", "--data-dir", "", "--text", "x"], "argument --data-dir: is empty"),
+    # a folder of pictures without captions is searched with --images, not read as a data set
+    (["--checkpoint", "{run}", "--data-dir", "{tmp}/photos", "--text", "x"],
+     "(to search a folder of pictures without captions: --images {tmp}/photos --text ...)"),
     (["--checkpoint", "{run}", "--text", os.fsdecode(b"caf\xe9")], "--text b'caf\\xe9' is not UTF-8 text"),
     (["--checkpoint", "{run}", "--image", "{tmp}/missing.jpg"], "no such file"),
     (["--checkpoint", "{run}", "--image", "{tmp}/notes.txt"], "notes.txt is not an image this can read"),
@@ -262,11 +268,31 @@ def test_clear_errors(argv, message, run, shapes_dir, tmp_path, capsys):
     (tmp_path / "x.jpg").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not a picture")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "a.jpg")
     argv = [a.format(tmp=tmp_path, run=run / "best", data=shapes_dir) for a in argv]
     with pytest.raises(SystemExit) as e:
         search.main(argv + ["--device", "cpu"])
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_a_query_of_no_words_is_refused_in_the_notebooks_calls_too(searcher, index):
+    for text in ["", "   ", "\u200b", "\x00"]:  # it would rank as a blank query, looking like an answer
+        with pytest.raises(ValueError, match="holds no words the tokenizer reads"):
+            search.search_text(searcher, index, text)
+
+
+def test_a_linked_subfolder_of_a_searched_folder_is_searched_once(tmp_path):
+    """rglob does not enter linked folders (an external disk, a synced folder): their pictures went unsearched."""
+    for folder, name in [("mine/real", "a.png"), ("disk", "b.png"), ("disk/.hidden", "c.png")]:
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / name)
+    (tmp_path / "mine" / "linked").symlink_to(tmp_path / "disk")
+    (tmp_path / "mine" / "again").symlink_to(tmp_path / "disk")  # the same folder twice: its pictures once
+    (tmp_path / "disk" / "loop").symlink_to(tmp_path / "mine")  # a link back up the tree: no endless walk
+    assert search.list_images(tmp_path / "mine") == [str(tmp_path / "disk" / "b.png"),
+                                                     str(tmp_path / "mine" / "real" / "a.png")]
 
 
 def test_damaged_checkpoint_files_and_bad_evaluate_flags_are_named(run, tmp_path, capsys):
@@ -278,7 +304,10 @@ def test_damaged_checkpoint_files_and_bad_evaluate_flags_are_named(run, tmp_path
     (damaged / "checkpoint.json").write_text("{not json")
     for argv, message in [(["--checkpoint", str(damaged)], "checkpoint.json is damaged"),
                           (["--checkpoint", str(tmp_path / "nothing")], "nothing does not exist"),
-                          (["--checkpoint", str(run / "best"), "--batch-size", "0"], "--batch-size must be at")]:
+                          (["--checkpoint", str(run / "best"), "--batch-size", "0"], "--batch-size must be at"),
+                          (["--checkpoint", str(run / "best"), "--json", ""], "argument --json: is empty"),
+                          (["--checkpoint", str(run / "best"), "--num-workers", "100000"],
+                           "--num-workers 100000 is far more than this machine's")]:
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv + ["--device", "cpu"])
         assert e.value.code == 2 and message in capsys.readouterr().err
