@@ -21,6 +21,10 @@ class CLIPModel(nn.Module):
         if text_config is None:
             text_config = build_text_config(cfg.text_model, cfg.text_pretrained, cfg.text_layers, cfg.text_width,
                                             cfg.text_heads, vocab_size, cfg.max_length, pad_id)
+        positions = getattr(text_config, "max_position_embeddings", None)  # None: relative positions (T5)
+        if positions and cfg.max_length > positions:  # before a download of weights, and before any step
+            raise ValueError(f"--max-length {cfg.max_length} is more tokens than --text-model {cfg.text_model} has "
+                             f"positions for ({positions}); use --max-length {positions} or less")
         self.text_encoder = TextEncoder(cfg.text_model, cfg.text_pretrained, cfg.text_pooling, vocab_size,
                                         text_config)
         self.image_projection = ProjectionHead(self.image_encoder.out_dim, cfg.projection_dim, cfg.dropout)

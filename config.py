@@ -8,12 +8,11 @@ import argparse
 import dataclasses
 import inspect
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
 
-from utils import write_json
+from utils import too_many_workers, write_json
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Pooling = Literal["cls", "mean"]
@@ -101,6 +100,14 @@ class Config:
                      "text_layers", "text_width", "text_heads", "num_workers"]:
             if not 0 <= getattr(self, name) < math.inf:  # also refuses nan, which every comparison fails
                 raise ValueError(f"--{flag(name)} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**31:  # numpy's seeds stop at 2**32; each process adds its rank
+            raise ValueError(f"--seed must be in [0, 2**31), got {self.seed}")
+        sized = [f"--{flag(name)} {getattr(self, name)}" for name in ["text_layers", "text_width", "text_heads"]
+                 if getattr(self, name)]
+        if sized and self.text_pretrained:
+            raise ValueError(f"{', '.join(sized)} only size a text tower built with random weights; --text-pretrained "
+                             f"loads --text-model {self.text_model} at the size it was trained at: drop them, or add "
+                             f"--no-text-pretrained")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"--batch-size {self.batch_size} must be divisible by --accum-steps {self.accum_steps}")
         if self.batch_size // self.accum_steps < 2:
@@ -116,10 +123,8 @@ class Config:
                              f"paper's cap), got {self.init_temperature}")
         if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_frac <= 1:
             raise ValueError("--warmup-frac must be in [0, 1) and --min-lr-frac in [0, 1]")
-        cpus = os.cpu_count() or 1
-        if self.num_workers > 4 * cpus:
-            raise ValueError(f"--num-workers {self.num_workers} is far more than this machine's {cpus} CPUs; "
-                             f"use at most {4 * cpus} (4 per CPU); about {cpus} is usually enough")
+        if why := too_many_workers(self.num_workers):
+            raise ValueError(why)
         if self.image_freeze_bn_stats and not self.image_pretrained:
             raise ValueError("--image-freeze-bn-stats keeps the batch-norm statistics of pretrained weights, and "
                              "--no-image-pretrained has none worth keeping; drop one of the two flags")

@@ -54,6 +54,11 @@ def test_every_field_is_a_flag_and_flags_beat_the_preset():
     (["--preset", "shapes", "--image-freeze-bn-stats"],
      "drop one of the two flags (--preset shapes set --no-image-pretrained; a flag of your own overrides it)"),
     (["--preset", "shapes", "--batch-size", "12", "--accum-steps", "5"], "divisible by --accum-steps 5\n"),
+    (["--seed", "-1"], "--seed must be in [0, 2**31), got -1"),
+    # a pretrained text tower has its own size: the flags would be saved in config.json and silently not apply
+    (["--text-layers", "4"], "--text-layers 4 only size a text tower built with random weights; --text-pretrained "
+                             "loads --text-model distilbert-base-uncased at the size it was trained at"),
+    (["--preset", "shapes", "--text-pretrained"], "--text-layers 2, --text-width 128, --text-heads 4 only size"),
 ])
 def test_bad_flags_fail_with_the_flag_named(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -2,6 +2,7 @@
 trainable weight takes part."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -197,6 +198,26 @@ def test_an_architecture_whose_config_refuses_a_new_depth_says_so_naming_the_fla
     with pytest.raises(ValueError, match="--text-model prophetnet cannot be built with random weights here "
                                          r"\(NotImplementedError: .*use a pretrained model of it"):
         build_text_config("prophetnet", False, 2, 64, 2, 500, 16, 0)
+
+
+def test_a_max_length_beyond_a_pretrained_models_positions_is_refused_before_its_weights_load(tmp_path,
+                                                                                                 monkeypatch):
+    """Else the first batch with a long caption fails deep in the embedding lookup (an IndexError), after the run
+    folder is written; with --compile (every batch padded to --max-length) the first batch of all."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    DistilBertModel(DistilBertConfig(vocab_size=300, dim=32, hidden_dim=64, n_layers=1, n_heads=2,
+                                     max_position_embeddings=24)).save_pretrained(tmp_path / "bert")
+    cfg = tiny_config(text_model=str(tmp_path / "bert"), text_pretrained=True, text_layers=0, text_width=0,
+                      text_heads=0, max_length=25)
+    loaded = []
+    monkeypatch.setattr("modules.AutoModel.from_pretrained", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ValueError, match=r"--max-length 25 is more tokens than --text-model .*bert has positions for "
+                                         r"\(24\); use --max-length 24 or less"):
+        CLIPModel(cfg, vocab_size=300)
+    assert loaded == []
+    monkeypatch.undo()
+    assert CLIPModel(dataclasses.replace(cfg, max_length=24), vocab_size=300).text_encoder.out_dim == 32
 
 
 def test_a_checkpoint_saved_with_berts_pooler_still_loads(tmp_path):
