@@ -131,12 +131,20 @@ SEPARATORS = {";": "semicolons (';')", "\t": "tabs", "|": "'|'"}  # what an `ima
 CAPTION_LINES = 5  # a quoted caption may hold line breaks (typed into a spreadsheet cell), over at most this many lines
 
 
+def csv_fields(line: str) -> list[str] | None:
+    """One line's CSV fields; None where a field is longer than Python's csv module reads (131,072 characters)."""
+    try:
+        return next(csv.reader([line]), [])
+    except csv.Error:
+        return None
+
+
 def join_broken_captions(lines: list[str], i_img: int, report: ParseReport, source: str) -> list[tuple[int, str]]:
     """(line, row) for each line after the header, where a quote opened on one line and closed on one of the next few
     joins those lines into one row. A quote that does not close, or a line between that starts a row of its own (an
     image name in its column), leaves the lines as they are: a stray quote never swallows the rows after it."""
     def starts_row(line):
-        fields = next(csv.reader([line]), [])
+        fields = csv_fields(line) or []
         return len(fields) > i_img and is_image_name(fields[i_img])
 
     out, i = [], 1
@@ -162,7 +170,7 @@ def parse_csv_rows(lines: list[str], report: ParseReport, source: str) -> list[t
     Quoted fields are allowed, a quoted caption over a few lines too; a stray quote cannot swallow the lines after it.
     Extra columns are allowed; an unquoted comma inside a caption is glued back; a row that lost its comma is
     repaired."""
-    header = [h.strip().lower() for h in next(csv.reader([lines[0]]))] if lines else []
+    header = [h.strip().lower() for h in csv_fields(lines[0]) or []] if lines else []
     if "image" not in header or "caption" not in header:
         if not lines:
             raise ValueError(f"{source} is empty")
@@ -179,7 +187,11 @@ def parse_csv_rows(lines: list[str], report: ParseReport, source: str) -> list[t
     for number, line in join_broken_captions(lines, i_img, report, source):
         if not line.strip():
             continue
-        fields = next(csv.reader([line]))
+        fields = csv_fields(line)
+        if fields is None:
+            report.dropped_rows.append({"line": number, "reason": f"a field of over {csv.field_size_limit():,} "
+                                        f"characters", "text": line[:200], "file": source})
+            continue
         extra = len(fields) - len(header)  # > 0: the caption held unquoted commas
         if extra < 0 and (m := CSV_ROW_WITHOUT_DELIMITER.match(line)) and header[:2] == ["image", "caption"]:
             report.repaired_rows.append({"line": number, "fix": "missing ',' delimiter", "text": line, "file": source})

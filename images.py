@@ -36,8 +36,9 @@ from utils import fsync_dir, write_json
 
 MIN_SIDE = 2  # pixels: a 1-pixel-wide file is a placeholder or a spacer, not a picture
 Image.MAX_IMAGE_PIXELS = 200_000_000  # still guards against decompression bombs, but allows big photos
-CACHE_VERSION = 4  # bump when `to_square` or the meta file changes, so older caches are rebuilt (2: JPEGs decode at
-# reduced scale; 3: 16-bit grayscale is scaled to 8 bits, no longer clipped to white; 4: failed images stored as rows)
+CACHE_VERSION = 5  # bump when `to_square` or the meta file changes, so older caches are rebuilt (2: JPEGs decode at
+# reduced scale; 3: 16-bit grayscale is scaled to 8 bits, no longer clipped to white; 4: failed images stored as rows;
+# 5: 32-bit float grayscale is scaled to 8 bits, no longer black)
 
 
 def load_rgb(path, min_side: int = 0) -> Image.Image:
@@ -53,6 +54,10 @@ def load_rgb(path, min_side: int = 0) -> Image.Image:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grayscale: convert() would clip it to white
             img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
+        elif img.mode == "F":  # 32-bit float grayscale (scientific TIFFs): convert() truncates [0, 1] to black
+            values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+            top = 1.0 if values.max() <= 1 else 255.0 if values.max() <= 255 else values.max()  # [0, 1], 8-bit, other
+            img = Image.fromarray((np.clip(values / top, 0, 1) * 255 + 0.5).astype(np.uint8))
         return img.convert("RGB")
 
 

@@ -212,6 +212,16 @@ def test_csv_columns_commas_and_stray_quotes(tmp_path):
     assert [r["line"] for r in report.dropped_rows] == [4]
 
 
+def test_a_caption_longer_than_the_csv_module_reads_drops_its_row_alone(tmp_path):
+    """Python's csv reader stops at fields of 131,072 characters, with an error naming neither file nor line."""
+    folder = caption_folder(tmp_path, "captions.csv", b"image,caption\na.jpg,A cat\nb.jpg," + b"x" * 200_000
+                            + b"\nc.jpg,A dog\n")
+    rows, report = read_captions(folder)
+    assert rows == [(2, "a.jpg", "A cat"), (4, "c.jpg", "A dog")]
+    assert [(r["line"], r["reason"], r["file"]) for r in report.dropped_rows] == [
+        (3, "a field of over 131,072 characters", "captions.csv")]
+
+
 def test_a_quoted_caption_over_several_lines_is_joined_and_reported(tmp_path):
     """A line break typed into a spreadsheet cell: the caption is kept whole, not cut at the break (the rest of it
     dropped as a row of too few columns)."""
@@ -311,6 +321,18 @@ def test_16_bit_grayscale_png_is_scaled_not_clipped_to_white(tmp_path):
     row = pixels[0, :, 0]
     assert row[0] == 0 and row[-1] == 255 and np.all(np.diff(row) > 0)  # the whole range, rising
     assert np.abs(row - np.linspace(0, 255, 64)).max() <= 2  # in step with the 16-bit values, not black then white
+
+
+def test_32_bit_float_grayscale_is_scaled_not_black(tmp_path):
+    """A float TIFF (scientific imaging) in [0, 1]: PIL's convert() truncates every value to 0 or 1 of 255."""
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (16, 1))
+    path = tmp_path / "a.tif"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode == "F"
+    row = np.asarray(load_rgb(path)).astype(int)[0, :, 0]
+    assert row[0] == 0 and row[-1] == 255 and np.abs(row - np.linspace(0, 255, 64)).max() <= 1
+    Image.fromarray(ramp * 255).save(path)  # the same picture on an 8-bit scale
+    assert np.abs(np.asarray(load_rgb(path)).astype(int)[0, :, 0] - row).max() <= 1
 
 
 def test_file_name_that_is_not_utf8_is_named_in_the_report_and_the_rest_prepares(tmp_path):
