@@ -193,25 +193,34 @@ def write(snapshot: Snapshot, run_dir, links) -> Path:
                                  f"{broken[:3]}); {run_dir}/last still holds the previous checkpoint")
     final = run_dir / CHECKPOINTS / snapshot.folder_name
     tmp = run_dir / CHECKPOINTS / f".{snapshot.folder_name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(snapshot.weights, str(tmp / "model.safetensors"))
-    if snapshot.tensors:
-        save_file(snapshot.tensors, str(tmp / "training_state.safetensors"))
-    write_json(tmp / "checkpoint.json", snapshot.info)
-    write_json(tmp / "text_config.json", snapshot.text_config)
-    snapshot.tokenizer.save_pretrained(tmp / "tokenizer")
-    _fsync_tree(tmp)
-    if final.exists():  # a run killed before its links reached this folder left it: an older state than ours
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    for name in [n for n in ("best", "last") if n in links]:  # best first: see finish_interrupted_save
-        _point(run_dir / name, f"{CHECKPOINTS}/{snapshot.folder_name}")
-    fsync_dir(run_dir)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(snapshot.weights, str(tmp / "model.safetensors"))
+        if snapshot.tensors:
+            save_file(snapshot.tensors, str(tmp / "training_state.safetensors"))
+        write_json(tmp / "checkpoint.json", snapshot.info)
+        write_json(tmp / "text_config.json", snapshot.text_config)
+        snapshot.tokenizer.save_pretrained(tmp / "tokenizer")
+        _fsync_tree(tmp)
+        if final.exists():  # a run killed before its links reached this folder left it: an older state than ours
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        for name in [n for n in ("best", "last") if n in links]:  # best first: see finish_interrupted_save
+            _point(run_dir / name, f"{CHECKPOINTS}/{snapshot.folder_name}")
+        fsync_dir(run_dir)
+    except (OSError, SafetensorError) as e:  # a full or read-only disk: the half-written folder must not fill it more
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write the checkpoint {snapshot.folder_name} into {run_dir / CHECKPOINTS} "
+                              f"({type(e).__name__}: {e})") from e
     _collect_garbage(run_dir)
     return final
+
+
+class CheckpointError(OSError):
+    """A checkpoint that could not be written; the links (RUN/last, RUN/best) still name the checkpoints before."""
 
 
 def finish_interrupted_save(run_dir) -> str | None:
@@ -255,6 +264,12 @@ class BackgroundWriter:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    def check(self) -> None:
+        """Re-raise a write that has failed already, without waiting for one still running: cheap enough for every
+        few steps, so that a full disk stops the run at once rather than at the next save."""
+        if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
+            self.wait()
 
 
 def _collect_garbage(run_dir: Path) -> None:

@@ -2,12 +2,13 @@
 which settings a checkpoint saved mid-epoch resumes with, and what an interrupted run says."""
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from shlex import quote
 
-from checkpoint import finish_interrupted_save, read_info
+from checkpoint import CHECKPOINTS, finish_interrupted_save, read_info
 from config import PRESETS, Config, build_parser, config_from_args, config_from_dict, flag, validate_with_preset
 from distributed import Dist, barrier, broadcast_object
 from utils import atomic_write, read_jsonl
@@ -116,8 +117,14 @@ def find_run_dir(cfg: Config, d: Dist) -> Path:
         blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
         if blocker is not None:  # said now, not once the data and the model are ready
             raise SystemExit(f"--run-dir {run_dir}: {blocker} is a file, not a folder; choose another --run-dir")
-        # a run stopped before its first checkpoint left only config.json, env.json and splits.json: nothing to lose
-        has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
+        writable = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+        if not os.access(writable, os.W_OK):
+            raise SystemExit(f"--run-dir {run_dir}: {writable} is not writable here; choose another --run-dir")
+        # a run stopped before its first checkpoint was written has nothing to lose (its config.json, metrics.jsonl,
+        # curves.png and a half-written checkpoint folder are cleared when it starts over); a finished checkpoint
+        # folder that no link reaches yet is one to resume from (finish_interrupted_save)
+        has_run = (run_dir / "last").exists() or (run_dir / CHECKPOINTS).is_dir() and any(
+            not f.name.startswith(".") for f in (run_dir / CHECKPOINTS).iterdir())
         repaired = finish_interrupted_save(run_dir) if cfg.resume else None
         if repaired:
             print(f"note: {repaired}")
@@ -138,8 +145,8 @@ def find_run_dir(cfg: Config, d: Dist) -> Path:
 def prepare_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
     """Create the run directory (with --overwrite, clear the old run out of it) once the run has started well."""
     if d.main:
-        if cfg.overwrite and not cfg.resume:
-            for name in ["checkpoints", "last", "best", "metrics.jsonl", "test_metrics.json", "curves.png"]:
+        if not cfg.resume:  # a run over an old one (--overwrite), or over one stopped before its first checkpoint
+            for name in [CHECKPOINTS, "last", "best", "metrics.jsonl", "test_metrics.json", "curves.png"]:
                 path = run_dir / name
                 if path.is_symlink() or path.is_file():
                     path.unlink()
@@ -149,13 +156,14 @@ def prepare_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
     barrier(d)
 
 
-def interrupted(cfg: Config, d: Dist) -> str:
-    """The line a run stopped by Ctrl-C or SIGTERM ends with: what RUN/last holds, and the command that resumes it."""
+def interrupted(cfg: Config, d: Dist, how: str = "interrupted") -> str:
+    """The line a run stopped by Ctrl-C or SIGTERM (or an error) ends with: what RUN/last holds, and the command that
+    resumes it."""
     last = Path(cfg.run_dir) / "last"
     if not cfg.run_dir or not (last / "checkpoint.json").exists():
-        return (f"train.py: interrupted before the first checkpoint of {cfg.run_dir or 'the run'} (the end of "
-                f"epoch 1, or --save-every steps): there is nothing to resume")
+        return (f"train.py: {how} before the first checkpoint of {cfg.run_dir or 'the run'} (the end of epoch 1, or "
+                f"--save-every steps): there is nothing to resume; the same command starts the run over")
     state = read_info(last)["state"]
     launch = f"torchrun --nproc_per_node {d.world} train.py" if d.world > 1 else "python train.py"
-    return (f"train.py: interrupted; {last} holds step {state['step']} (epoch {state['epoch'] + 1}, batch "
+    return (f"train.py: {how}; {last} holds step {state['step']} (epoch {state['epoch'] + 1}, batch "
             f"{state['batch']}): continue with `{launch} --run-dir {quote(cfg.run_dir)} --resume`")

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import BackgroundWriter, capture, load_training_state, load_weights, read_tokenizer, rng_state
+from checkpoint import (BackgroundWriter, CheckpointError, capture, load_training_state, load_weights, read_tokenizer,
+                        rng_state)
 from clip import CLIPModel
 from config import Config, save_config
 from dataset import RUN_SPLITS, TEXT_KEYS, CaptionData, TrainBatches, batch_loader, on_device, record_split
@@ -55,6 +56,8 @@ def main(argv=None) -> dict:
         if d.main:
             print(interrupted(cfg, d), file=sys.stderr)
         raise
+    except (CheckpointError, FloatingPointError) as e:  # a full or read-only disk, or weights gone bad: no traceback
+        raise SystemExit(f"train.py: error: {e}\n{interrupted(cfg, d, 'stopped')}") from None
     finally:
         if handles_signals:
             signal.signal(signal.SIGTERM, on_sigterm)
@@ -213,6 +216,7 @@ def train(cfg: Config, d: Dist, writer: BackgroundWriter) -> dict:
         def read_losses():
             """The one host sync: check the losses since the last read and add them to the epoch's tally."""
             nonlocal window_steps, tick
+            writer.check()  # a checkpoint that failed to write stops the run now, not at the next save
             if window_steps == 0:
                 return
             value = window.item() / window_steps

@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_saying_how_to_resume_without_a_trace
     step = checkpoint.read_info(run / "last")["state"]["step"]
     assert f"train.py: interrupted; {run}/last holds step {step} (epoch " in out
     assert f"continue with `python train.py --run-dir {run} --resume`" in out and "Traceback" not in out
-    assert runs.interrupted(Config(run_dir=str(tmp_path / "new")), None).endswith("there is nothing to resume")
+    assert runs.interrupted(Config(run_dir=str(tmp_path / "new")), None).endswith(
+        "there is nothing to resume; the same command starts the run over")
 
 
 def test_training_runs_in_a_thread_too(tiny_shapes_dir, tmp_path):
@@ -213,9 +215,13 @@ def test_an_existing_run_is_never_overwritten_by_accident(tiny_shapes_dir, tmp_p
     assert len(read_jsonl(run / "metrics.jsonl")) == 1
     with pytest.raises(SystemExit, match="no checkpoint to resume"):
         train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(tmp_path / "new"), "--resume"])
-    shutil.rmtree(run / "checkpoints")  # as a run killed after logging its first epoch, before its first checkpoint
-    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
-        train.main(args)
+    # a run killed after logging its first epoch, before its first checkpoint, has nothing to resume (and said so):
+    # the same command starts it over, rather than asking for a --resume that would find no checkpoint
+    shutil.rmtree(run / "checkpoints")
+    (run / ".." / "keep.txt").write_text("mine")
+    train.main(args)
+    assert len(read_jsonl(run / "metrics.jsonl")) == 1 and (run / "last" / "checkpoint.json").exists()
+    assert (run / ".." / "keep.txt").read_text() == "mine"
     # compiled runs drop a short last batch, so here no batch is left at all
     capsys.readouterr()
     with pytest.raises(SystemExit, match=r"train.py: error: --batch-size 4096 x 1 process\(es\) exceeds the 180 "
@@ -233,6 +239,11 @@ def test_a_run_folder_that_cannot_be_one_is_refused_before_any_work(tiny_shapes_
         with pytest.raises(SystemExit, match=f"--run-dir {run_dir}: {file} is a file, not a folder; choose another"):
             train.main(args + ["--run-dir", str(run_dir)])
     assert file.read_text() == "mine"
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != tmp_path)  # a read-only disk (root ignores 555)
+    with pytest.raises(SystemExit, match=f"--run-dir {tmp_path / 'a' / 'run'}: {tmp_path} is not writable here"):
+        train.main(args + ["--run-dir", str(tmp_path / "a" / "run")])
+    monkeypatch.setattr(os, "access", access)
     with pytest.raises(SystemExit) as e:
         train.main(args + ["--resume"])
     assert e.value.code == 2 and "--resume continues the run in --run-dir: name its folder" in capsys.readouterr().err
@@ -595,6 +606,49 @@ def test_a_failed_background_write_is_raised_where_the_trainer_waits(tiny_run, t
     writer.submit(checkpoint.capture(model, cfg, tokenizer, {"step": 2}, {}), tmp_path / "run", ["last"])
     writer.wait()
     assert checkpoint.load_model(tmp_path / "run" / "last")[1] == cfg
+
+
+def test_a_full_disk_stops_the_run_at_once_naming_the_checkpoint_to_resume_from(tiny_shapes_dir, tmp_path,
+                                                                                   monkeypatch):
+    """A failed write used to end the run with the writer thread's traceback, at the next save (an epoch later),
+    leaving its half-written folder on the full disk."""
+    real, calls = checkpoint.save_file, []
+
+    def save_file(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) >= 3:  # the second checkpoint (each writes model and training state)
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--data-dir", str(tiny_shapes_dir), "--run-dir", str(run), "--epochs", "3",
+                           "--save-every", "2", "--log-every", "1"])
+    assert str(e.value).startswith("train.py: error: could not write the checkpoint step-00000004 into "
+                                   f"{run}/checkpoints (OSError: [Errno 28] No space left on device)\n")
+    assert str(e.value).endswith(f"train.py: stopped; {run}/last holds step 2 (epoch 1, batch 2): continue with "
+                                 f"`python train.py --run-dir {run} --resume`")
+    assert os.readlink(run / "last") == "checkpoints/step-00000002"
+    assert sorted(f.name for f in (run / "checkpoints").iterdir()) == ["step-00000002"]  # no half-written folder
+    assert not (run / "metrics.jsonl").exists() or len(read_jsonl(run / "metrics.jsonl")) <= 1  # not 3 epochs
+
+
+def test_a_failed_write_is_found_by_check_without_waiting_for_a_running_one(tiny_run, tmp_path):
+    run, _ = tiny_run
+    model, cfg, tokenizer = checkpoint.load_model(run / "best")
+    writer, release = checkpoint.BackgroundWriter(), threading.Event()
+    writer._pool.submit(release.wait)  # the writer is busy: the next write queues behind this
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the run directory should be")
+    writer.submit(checkpoint.capture(model, cfg, tokenizer, {"step": 1}, {}), blocked, ["last"])
+    writer.check()  # still waiting to run: check() neither blocks nor raises
+    release.set()
+    while not writer._pending.done():
+        time.sleep(0.01)
+    with pytest.raises(checkpoint.CheckpointError, match="could not write the checkpoint step-00000001"):
+        writer.check()
+    writer.check()  # reported once
 
 
 def test_a_bert_run_saved_with_its_pooler_resumes(tiny_shapes_dir, tmp_path, monkeypatch):
