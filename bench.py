@@ -590,17 +590,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.sweep_first and not args.sweep:
         p.error("--sweep-first orders the sweep before the other sections: add --sweep")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):  # found out now, not at the
+        p.error(f"--json {args.json}: name a file in a folder that exists")             # end of the first section
     sizes = TINY if args.tiny else FULL
-    device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
+    try:
+        device = pick_device("cpu" if args.tiny and args.device == "auto" else args.device)
+    except ValueError as e:
+        p.error(str(e))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     skip = set(filter(None, args.skip.split(",")))
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    results = {"date": datetime.date.today().isoformat(), "device": card, "sizes": sizes.__dict__,
-               **{k: v for k, v in provenance().items() if k != "argv"}, "rows": {}}
-    peak = matmul_peak(device)
-    results["matmul_peak_tflops"] = peak / 1e12
-    print(f"{card}: measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
-    folder = None if args.sweep_only else flickr_sized_shapes(sizes, Path(args.data_root))  # synthetic batches only
 
     S, B, T = sizes.batch, sizes.big_batch, sizes.tokens
     # the figures the targets are about first, so that a time limit costs the others (each compile takes a minute)
@@ -624,6 +622,9 @@ def main(argv=None) -> dict:
                                             label=", text padded (no packing)")),
         ("e2e_eager", lambda: bench_end_to_end(sizes, device, dtype, folder, S, T, False)),
     ]
+    known = [tag for tag, _ in sections] + ["open_clip_big"] * (B == S) + [f"sweep: {label}" for label, *_ in SWEEP]
+    if unknown := sorted(skip - set(known)):  # a typo would cost minutes of a lent GPU
+        p.error(f"--skip: no section named {', '.join(map(repr, unknown))}; the sections are {', '.join(known)}")
     if args.sweep_only:
         sections = []
     if args.sweep or args.sweep_only:
@@ -636,6 +637,13 @@ def main(argv=None) -> dict:
                 bench_ours, sizes, device, dtype, int(B * factor), T, True, mode, knobs, overrides, f", {label}",
                 args.profile)))
         sections = sweep + sections if args.sweep_first else sections + sweep
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    results = {"date": datetime.date.today().isoformat(), "device": card, "sizes": sizes.__dict__,
+               **{k: v for k, v in provenance().items() if k != "argv"}, "rows": {}}
+    peak = matmul_peak(device)
+    results["matmul_peak_tflops"] = peak / 1e12
+    print(f"{card}: measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
+    folder = None if args.sweep_only else flickr_sized_shapes(sizes, Path(args.data_root))  # synthetic batches only
     baselines = {}  # contestant -> {batch: samples/s}
     for tag, fn in sections:
         if tag in skip:

@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import json
 
+import pytest
 import torch
 from torch._inductor import decomposition
 
@@ -230,3 +231,22 @@ def test_a_failed_section_is_in_the_json_at_once(tmp_path, monkeypatch):
 
 def test_no_sweep_label_holds_the_comma_that_separates_skip():
     assert not [label for label, *_ in bench.SWEEP if "," in label]
+
+
+def test_bad_flags_are_refused_before_any_section_runs(tmp_path, monkeypatch, capsys):
+    """On a lent GPU a typo costs minutes: an unknown --skip used to run the section anyway, and a --json in a folder
+    that does not exist failed after the first section, losing its figures."""
+    monkeypatch.setattr(bench, "matmul_peak", lambda device: pytest.fail("a section started"))
+    base = ["--tiny", "--data-root", str(tmp_path / "data")]
+    for argv, message in [
+            (["--skip", "compile,evl"], "--skip: no section named 'evl'; the sections are tutorial, open_clip, "),
+            (["--json", str(tmp_path / "missing" / "b.json")], "b.json: name a file in a folder that exists"),
+            (["--device", "gpu"], "--device 'gpu' is not a device torch knows")]:
+        with pytest.raises(SystemExit) as e:
+            bench.main(base + argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+    # every section a first call can record is a name --skip takes (.ci/gpu-check passes them back)
+    skip = ",".join(["tutorial", "open_clip", "open_clip_big", "e2e", "e2e_eager", "sweep: " + bench.SWEEP[0][0]])
+    with pytest.raises(pytest.fail.Exception, match="a section started"):
+        bench.main(base + ["--skip", skip])
