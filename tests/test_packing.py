@@ -4,6 +4,7 @@ exactly the real tokens."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig
 
@@ -54,6 +55,36 @@ def test_the_packed_tower_gives_the_padded_towers_embeddings_and_gradients(model
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
             checked += 1
     assert checked > 20
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "bert"])
+def test_the_packed_tower_drops_out_where_the_padded_one_does(model_type, monkeypatch):
+    """Training runs the packed path: it must apply each of the model's dropouts (embeddings, attention weights,
+    feed-forward and attention outputs) at the model's rates, as the padded one does. The tests above run in eval
+    mode, and the two paths draw different masks (other shapes), so here the dropout calls are compared."""
+    model = encoder(model_type, "mean").train()
+    ids, mask = captions([3, 16, 7, 1, 12, 5])
+    dropout, attention, calls = F.dropout, F.scaled_dot_product_attention, []
+
+    def counted_dropout(x, p=0.5, training=True, inplace=False):
+        calls.append(("dropout", p)) if training and p > 0 else None
+        return dropout(x, p, training, inplace)
+
+    def counted_attention(*args, dropout_p=0.0, **kwargs):
+        calls.append(("attention", dropout_p)) if dropout_p > 0 else None
+        return attention(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(F, "dropout", counted_dropout)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted_attention)
+    model(ids, mask)
+    padded, calls[:] = list(calls), []
+    model(ids, mask, index_of(mask)[0])
+    layers = 2
+    assert len(padded) >= 1 + 2 * layers and {p for _, p in padded} == {0.1}  # transformers' default rates
+    assert sorted(calls) == sorted(padded)
+    calls[:] = []
+    model.eval()(ids, mask, index_of(mask)[0])
+    assert calls == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (.ci/gpu-check runs it)")
