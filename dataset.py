@@ -152,6 +152,7 @@ class CaptionData:
 
     def __init__(self, data_dir, verbose: bool = True):
         self.data_dir = Path(data_dir)
+        self.verbose = verbose  # False on all but one process of a run: each note is printed once
         rows, self.report = read_captions(data_dir)
         _, self.image_dir = find_layout(data_dir)
         on_disk = {p.name for p in self.image_dir.iterdir()}
@@ -215,7 +216,8 @@ class CaptionData:
                     raise ValueError(f"--image-cache on: could not build the image cache in {self.data_dir / '.cache'}"
                                      f" ({e.strerror or e}); free space or make it writable, or use --image-cache "
                                      f"auto or off (decodes JPEGs every step)") from None
-                print(f"not caching images ({e}); decoding JPEGs every step instead")
+                if self.verbose:
+                    print(f"not caching images ({e}); decoding JPEGs every step instead")
                 mode = "off"
         if mode == "off":
             self.source = JpegSource(paths, square)
@@ -225,8 +227,10 @@ class CaptionData:
                 failed = [str(self.image_dir / name) for name in find_bad_images(paths, workers)]
         if failed:
             failed = {Path(p).name for p in failed}
-            print(f"{self.data_dir}: skipping {len(failed)} images that failed to decode, e.g. {sorted(failed)[:3]} "
-                  f"(`python download.py --prepare {quote(str(self.data_dir))}` lists them all)")
+            if self.verbose:
+                print(f"{self.data_dir}: skipping {len(failed)} images that failed to decode, e.g. "
+                      f"{sorted(failed)[:3]} (`python download.py --prepare {quote(str(self.data_dir))}` lists them "
+                      f"all)")
             # drop them where they are: every other image keeps its split
             self._set_splits({name: [n for n in split.images if n not in failed]
                               for name, split in self.splits.items()}, "missing, listed as bad or undecodable")
