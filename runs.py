@@ -4,6 +4,7 @@ which settings a checkpoint saved mid-epoch resumes with, and what an interrupte
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from shlex import quote
@@ -111,35 +112,53 @@ def drop_rows_after(metrics_file: Path, epoch: int) -> None:
 
 
 def find_run_dir(cfg: Config, d: Dist) -> Path:
-    """The run directory, checked but not touched: an existing run needs --resume or --overwrite."""
+    """The run directory, checked but not touched: an existing run needs --resume or --overwrite. One process checks;
+    where it finds a problem, every process stops (the others quietly), rather than going on to a barrier alone."""
     run_dir = Path(broadcast_object(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"), d))
+    problem = None
     if d.main:
-        blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
-        if blocker is not None:  # said now, not once the data and the model are ready
-            raise SystemExit(f"--run-dir {run_dir}: {blocker} is a file, not a folder; choose another --run-dir")
-        writable = next(p for p in [run_dir, *run_dir.parents] if p.exists())
-        if not os.access(writable, os.W_OK):
-            raise SystemExit(f"--run-dir {run_dir}: {writable} is not writable here; choose another --run-dir")
-        # a run stopped before its first checkpoint was written has nothing to lose (its config.json, metrics.jsonl,
-        # curves.png and a half-written checkpoint folder are cleared when it starts over); a finished checkpoint
-        # folder that no link reaches yet is one to resume from (finish_interrupted_save)
-        has_run = (run_dir / "last").exists() or (run_dir / CHECKPOINTS).is_dir() and any(
-            not f.name.startswith(".") for f in (run_dir / CHECKPOINTS).iterdir())
-        repaired = finish_interrupted_save(run_dir) if cfg.resume else None
-        if repaired:
-            print(f"note: {repaired}")
-        if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
-            raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
-        if cfg.resume:
-            done = read_info(run_dir / "last")["state"]["epoch"]
-            if done >= cfg.epochs:  # said before the data and the model load
-                raise ValueError(f"--resume: {run_dir} has trained {done} epoch{'s' * (done != 1)}, and --epochs is "
-                                 f"{cfg.epochs}: to train on, give more, e.g. --epochs {done + cfg.epochs}")
-            check_mid_epoch_resume(run_dir, cfg, d.world)
-        if has_run and not cfg.resume and not cfg.overwrite:
-            raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it "
-                             f"over, or choose another --run-dir")
+        try:
+            check_run_dir(run_dir, cfg, d)
+        except (SystemExit, ValueError) as e:
+            problem = e
+    if not d.enabled and problem is not None:
+        raise problem
+    if broadcast_object(problem is not None, d):
+        if d.main:
+            print(problem if isinstance(problem, SystemExit) else f"train.py: error: {problem}", file=sys.stderr,
+                  flush=True)
+        barrier(d)  # said before any process exits: torchrun stops the others at the first exit
+        raise SystemExit(1)
     return run_dir
+
+
+def check_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
+    """find_run_dir's checks, on one process: they raise SystemExit or ValueError with the message to print."""
+    blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # said now, not once the data and the model are ready
+        raise SystemExit(f"--run-dir {run_dir}: {blocker} is a file, not a folder; choose another --run-dir")
+    writable = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    if not os.access(writable, os.W_OK):
+        raise SystemExit(f"--run-dir {run_dir}: {writable} is not writable here; choose another --run-dir")
+    # a run stopped before its first checkpoint was written has nothing to lose (its config.json, metrics.jsonl,
+    # curves.png and a half-written checkpoint folder are cleared when it starts over); a finished checkpoint
+    # folder that no link reaches yet is one to resume from (finish_interrupted_save)
+    has_run = (run_dir / "last").exists() or (run_dir / CHECKPOINTS).is_dir() and any(
+        not f.name.startswith(".") for f in (run_dir / CHECKPOINTS).iterdir())
+    repaired = finish_interrupted_save(run_dir) if cfg.resume else None
+    if repaired:
+        print(f"note: {repaired}")
+    if cfg.resume and not (run_dir / "last" / "checkpoint.json").exists():
+        raise SystemExit(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir}/last)")
+    if cfg.resume:
+        done = read_info(run_dir / "last")["state"]["epoch"]
+        if done >= cfg.epochs:  # said before the data and the model load
+            raise ValueError(f"--resume: {run_dir} has trained {done} epoch{'s' * (done != 1)}, and --epochs is "
+                             f"{cfg.epochs}: to train on, give more, e.g. --epochs {done + cfg.epochs}")
+        check_mid_epoch_resume(run_dir, cfg, d.world)
+    if has_run and not cfg.resume and not cfg.overwrite:
+        raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it "
+                         f"over, or choose another --run-dir")
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
@@ -164,6 +183,10 @@ def interrupted(cfg: Config, d: Dist, how: str = "interrupted") -> str:
         return (f"train.py: {how} before the first checkpoint of {cfg.run_dir or 'the run'} (the end of epoch 1, or "
                 f"--save-every steps): there is nothing to resume; the same command starts the run over")
     state = read_info(last)["state"]
-    launch = f"torchrun --nproc_per_node {d.world} train.py" if d.world > 1 else "python train.py"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))  # torchrun's processes on this node
+    launch = "python train.py" if d.world == 1 else f"torchrun --nproc_per_node {per_node} train.py"
+    if d.world > per_node:  # several nodes: each starts its share again, with its own rendezvous flags
+        launch = (f"torchrun --nnodes {d.world // per_node} --nproc_per_node {per_node} (and this run's --node-rank "
+                  f"and rendezvous flags, on each node) train.py")
     return (f"train.py: {how}; {last} holds step {state['step']} (epoch {state['epoch'] + 1}, batch "
             f"{state['batch']}): continue with `{launch} --run-dir {quote(cfg.run_dir)} --resume`")

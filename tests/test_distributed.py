@@ -270,3 +270,9 @@ def test_two_process_training_completes_and_resumes(tiny_shapes_dir, tmp_path):
     history = read_jsonl(run / "metrics.jsonl")
     assert [h["epoch"] for h in history] == [1, 2] and history[1]["step"] == 12
     assert "resuming" in second.stdout + second.stderr
+    # a problem with the run folder, found by rank 0 alone, stops every rank: one message, no other rank's traceback
+    # from a barrier rank 0 never reached
+    third = torchrun(args + ["--epochs", "2", "--resume"])
+    out = third.stdout + third.stderr
+    assert third.returncode != 0 and out.count(f"--resume: {run} has trained 2 epochs") == 1, out[-3000:]
+    assert "[rank1]" not in out and "Connection closed" not in out, out[-3000:]  # torchrun's own report is left

@@ -97,6 +97,17 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_saying_how_to_resume_without_a_trace
         "there is nothing to resume; the same command starts the run over")
 
 
+def test_the_resume_command_of_a_run_over_several_nodes_starts_each_nodes_share(tiny_run, monkeypatch):
+    run, _ = tiny_run
+    cfg, two = Config(run_dir=str(run)), Dist(rank=0, world=2, enabled=True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one node, two processes
+    said = runs.interrupted(cfg, two)
+    assert f"continue with `torchrun --nproc_per_node 2 train.py --run-dir {run} --resume`" in said
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two nodes of one: --nproc_per_node 2 on each would start four
+    assert ("continue with `torchrun --nnodes 2 --nproc_per_node 1 (and this run's --node-rank and rendezvous flags, "
+            f"on each node) train.py --run-dir {run} --resume`") in runs.interrupted(cfg, two)
+
+
 def test_training_runs_in_a_thread_too(tiny_shapes_dir, tmp_path):
     # signal handlers can only be set in the main thread: a run started from another one (a tuning tool, a notebook
     # helper) trains without the SIGTERM handler rather than failing
