@@ -162,7 +162,8 @@ def check_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
-    """Create the run directory (with --overwrite, clear the old run out of it) once the run has started well."""
+    """Create the run directory once the run has started well; unless resuming, clear what an earlier run left there
+    (find_run_dir let it through: --overwrite, or a run stopped before its first checkpoint)."""
     if d.main:
         if not cfg.resume:  # a run over an old one (--overwrite), or over one stopped before its first checkpoint
             for name in [CHECKPOINTS, "last", "best", "metrics.jsonl", "test_metrics.json", "curves.png"]:
