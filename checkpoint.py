@@ -184,6 +184,10 @@ def capture(model, cfg: Config, tokenizer, state: dict, provenance: dict, optimi
                     model.text_encoder.config.to_dict(), tokenizer)
 
 
+class CheckpointError(OSError):
+    """A checkpoint that could not be written; the links (RUN/last, RUN/best) still name the checkpoints before."""
+
+
 def write(snapshot: Snapshot, run_dir, links) -> Path:
     """Write the snapshot as RUN/checkpoints/<step folder> and point each name in `links` ("last", "best") at it."""
     run_dir = Path(run_dir)
@@ -217,10 +221,6 @@ def write(snapshot: Snapshot, run_dir, links) -> Path:
                               f"({type(e).__name__}: {e})") from e
     _collect_garbage(run_dir)
     return final
-
-
-class CheckpointError(OSError):
-    """A checkpoint that could not be written; the links (RUN/last, RUN/best) still name the checkpoints before."""
 
 
 def finish_interrupted_save(run_dir) -> str | None:

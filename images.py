@@ -56,7 +56,8 @@ def load_rgb(path, min_side: int = 0) -> Image.Image:
             img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
         elif img.mode == "F":  # 32-bit float grayscale (scientific TIFFs): convert() truncates [0, 1] to black
             values = np.nan_to_num(np.asarray(img, dtype=np.float64))
-            top = 1.0 if values.max() <= 1 else 255.0 if values.max() <= 255 else values.max()  # [0, 1], 8-bit, other
+            peak = values.max()
+            top = 1.0 if peak <= 1 else 255.0 if peak <= 255 else peak  # a [0, 1] scale, an 8-bit one, or its own
             img = Image.fromarray((np.clip(values / top, 0, 1) * 255 + 0.5).astype(np.uint8))
         return img.convert("RGB")
 

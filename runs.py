@@ -134,12 +134,11 @@ def find_run_dir(cfg: Config, d: Dist) -> Path:
 
 def check_run_dir(run_dir: Path, cfg: Config, d: Dist) -> None:
     """find_run_dir's checks, on one process: they raise SystemExit or ValueError with the message to print."""
-    blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
-    if blocker is not None:  # said now, not once the data and the model are ready
-        raise SystemExit(f"--run-dir {run_dir}: {blocker} is a file, not a folder; choose another --run-dir")
-    writable = next(p for p in [run_dir, *run_dir.parents] if p.exists())
-    if not os.access(writable, os.W_OK):
-        raise SystemExit(f"--run-dir {run_dir}: {writable} is not writable here; choose another --run-dir")
+    nearest = next(p for p in [run_dir, *run_dir.parents] if p.exists())  # the folder it goes into, or is
+    if not nearest.is_dir():  # said now, not once the data and the model are ready
+        raise SystemExit(f"--run-dir {run_dir}: {nearest} is a file, not a folder; choose another --run-dir")
+    if not os.access(nearest, os.W_OK):
+        raise SystemExit(f"--run-dir {run_dir}: {nearest} is not writable here; choose another --run-dir")
     # a run stopped before its first checkpoint was written has nothing to lose (its config.json, metrics.jsonl,
     # curves.png and a half-written checkpoint folder are cleared when it starts over); a finished checkpoint
     # folder that no link reaches yet is one to resume from (finish_interrupted_save)
