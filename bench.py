@@ -425,8 +425,8 @@ SWEEP = [  # the reference, those not yet measured (BENCHMARKS.md), those measur
     ("max-pool backward as torch decomposes it", "default", {"max_pool_backward": "decomposed"}, 1, {}),
     # PyTorch measured it speeding up inductor's max-pool backward 1.4-1.8x (pytorch/pytorch#103657)
     ("coordinate-descent kernel tuning", "default", {"coordinate_descent_tuning": True}, 1, {}),
-    # inductor's default, ours before 2026-11-27 (engine.CUDA_INDUCTOR: 2, 1.6% faster then); timed end to end
-    # against ours in the first call too (e2e_candidates)
+    # inductor's default, ours before 2026-11-27 (engine.CUDA_INDUCTOR: 2, 1.6% faster then, 1.3% end to end on
+    # 2026-11-28); timed end to end against ours in the first call too (e2e_candidates)
     ("realize_reads_threshold 4 (inductor's default)", "default", INDUCTOR_DEFAULTS, 1, {}),
     ("1.5x batch", "default", {}, 1.5, {}),
     # the default --batch-size: compare (c)'s compiled row
