@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench import cuda_backends
 from checkpoint import read_info
 from clip import CLIPModel
 from config import parse_config
@@ -230,14 +231,9 @@ def test_gradient_caching_under_cuda_graphs_gives_the_eager_gradients():
     """--compile-mode reduce-overhead --accum-steps 4: if a replay overwrote the gradient that an earlier micro-batch
     left in the graph's memory, the sum would be off by a whole micro-batch's share, far outside 1e-3."""
     # TF32 off: cuDNN's default TF32 convolutions moved conv1's gradient by 3.7% between eager and compiled
-    # (H100, 2026-11-28); rounding the convolutions' inputs to TF32 on the CPU moves it by 5.8%. (pytest's
-    # monkeypatch cannot set torch.backends.cuda.matmul's flags: AttributeError)
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    # (H100, 2026-11-28); rounding the convolutions' inputs to TF32 on the CPU moves it by 5.8%
+    with cuda_backends(benchmark=False, matmul_tf32=False, conv_tf32=False):
         runs = grad_cache_steps(torch.device("cuda"), ["eager", "default", "reduce-overhead"])
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     loss, grads = runs["eager"]
     for mode in ("default", "reduce-overhead"):
         assert runs[mode][0] == pytest.approx(loss, rel=1e-4), mode
